@@ -1,0 +1,37 @@
+"""Exception types a user can trigger. One class per cause; each message says what to do."""
+
+
+class FastdmError(Exception):
+    """Base class of every error fastdm raises on purpose."""
+
+
+class CudaError(FastdmError):
+    """A CUDA driver or kernel call failed; `name` is the CUDA error name (e.g. CUDA_ERROR_ILLEGAL_ADDRESS)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
+class NoGpuError(FastdmError):
+    """A GPU operation was asked for where no GPU or no kernel library is available."""
+
+
+class OutOfMemoryError(FastdmError):
+    """The GPU could not hold an allocation."""
+
+
+class UnsupportedDtypeError(FastdmError):
+    """A tensor or checkpoint uses a dtype this operation cannot take."""
+
+
+class ShapeError(FastdmError):
+    """Tensor shapes do not fit an operation or a model."""
+
+
+class SafetensorsError(FastdmError):
+    """A .safetensors file or index is unreadable, truncated, or does not hold what was asked for."""
+
+
+class ModelLayoutError(FastdmError):
+    """A model folder or checkpoint is not in a layout fastdm knows, or lacks a component or tensor."""

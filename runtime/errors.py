@@ -35,3 +35,7 @@ class SafetensorsError(FastdmError):
 
 class ModelLayoutError(FastdmError):
     """A model folder or checkpoint is not in a layout fastdm knows, or lacks a component or tensor."""
+
+
+class InvalidArgumentError(FastdmError, ValueError):
+    """An option has a value the operation does not accept (unknown activation, stride < 1, ...)."""

@@ -5,8 +5,9 @@ import pytest
 
 def gpu_available() -> bool:
     try:
-        from fastdm import kernels
         from fastdm.runtime import cuda
+
+        from fastdm import kernels
     except ImportError:
         return False
     return cuda.is_available() and kernels.available()

@@ -15,8 +15,7 @@ from fastdm.runtime.dlpack import from_dlpack
 from fastdm.runtime.errors import CudaError, NoGpuError, OutOfMemoryError
 from fastdm.runtime.memory import PinnedBuffer, format_bytes
 from fastdm.runtime.tensor import empty, from_numpy, zeros
-
-from tests.numerics import randn
+from numerics import randn
 
 pytestmark = pytest.mark.gpu
 

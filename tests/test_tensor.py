@@ -11,8 +11,7 @@ from fastdm.runtime import cuda, dtypes
 from fastdm.runtime.dlpack import from_dlpack
 from fastdm.runtime.errors import NoGpuError, ShapeError
 from fastdm.runtime.tensor import Tensor, empty, from_numpy, zeros
-
-from tests.numerics import randn
+from numerics import randn
 
 SIZES = (1, 2, 3, 5, 7)
 

@@ -1,0 +1,59 @@
+"""Timing helpers shared by the benchmarks: device-event medians for fastdm and for torch, card ceilings."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+
+def time_fastdm(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:
+    """Median milliseconds of fn() measured with CUDA events on fastdm's current stream."""
+    from fastdm.runtime import cuda
+
+    stream = cuda.current_stream()
+    for _ in range(warmup):
+        fn()
+    stream.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = cuda.Event(), cuda.Event()
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_ms(end))
+    return statistics.median(times)
+
+
+def time_torch(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:
+    """Median milliseconds of fn() measured with torch CUDA events on torch's current stream."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def card_ceilings() -> dict[str, float]:
+    """Measured device-to-device copy bandwidth (GB/s, read+write) and cuBLAS bf16 rate (TFLOP/s) via torch."""
+    import torch
+
+    n = 1 << 30  # 1 GiB each way
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = time_torch(lambda: b.copy_(a), warmup=3, iters=10)
+    copy_gbs = 2 * n / ms / 1e6
+    m = 8192
+    x = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    ms = time_torch(lambda: x @ y, warmup=3, iters=10)
+    return {"copy_GBps": copy_gbs, "bf16_TFLOPs": 2 * m**3 / ms / 1e9}

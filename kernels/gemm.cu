@@ -1,0 +1,254 @@
+// GEMM entry points of the C ABI and the choice of kernel family (see gemm.cuh):
+//   16-bit on an sm90 device:  sm90 CUTLASS 3.x kernels, else sm80 CUTLASS 2.x kernels, else the SIMT kernel
+//   16-bit on sm80..sm89:      sm80 kernels, else SIMT
+//   fp32, odd K or N, unaligned pointers:  SIMT (exact fp32, any alignment)
+// A path that cannot take a problem answers kGemmNotSupported and the next one is tried; results agree to
+// rounding because every path accumulates in fp32 and applies the same epilogue.
+#include "gemm.cuh"
+
+#include <mutex>
+
+namespace fdm {
+namespace {
+
+int g_force_path = kPathAuto;  // fdm_gemm_set_path (tests)
+int g_last_path = kPathAuto;   // fdm_gemm_last_path (tests)
+
+constexpr int kMaxDevices = 64;
+std::mutex g_facts_mutex;
+DeviceFacts g_facts[kMaxDevices];
+bool g_facts_known[kMaxDevices] = {};
+
+SimtProblem simt_linear(const LinearProblem& p) {
+  SimtProblem s;
+  s.a = p.x;
+  s.b = p.w;
+  s.d = p.out;
+  s.bias = p.bias;
+  s.gate = p.gate;
+  s.residual = p.residual;
+  s.M = p.M;
+  s.N = p.N;
+  s.K = p.K;
+  s.a_m = p.K;
+  s.a_k = 1;
+  s.b_k = 1;  // B(k, n) = w[n, k]
+  s.b_n = p.K;
+  s.d_m = p.N;
+  s.rows_per_gate = p.rows_per_gate;
+  s.act = p.act;
+  s.dtype = p.dtype;
+  return s;
+}
+
+#ifdef FASTDM_HAS_SM90
+// Gated problems with at most this many batches run fused on sm90, one launch per batch; more batches
+// (small per-batch row counts) run as one GEMM plus an elementwise pass.
+constexpr int64_t kMaxFusedGateLaunches = 8;
+
+int element_size(int dtype) { return dtype == FDM_F32 ? 4 : 2; }
+
+const void* offset(const void* p, int64_t elements, int dtype) {
+  return p ? static_cast<const char*>(p) + elements * element_size(dtype) : nullptr;
+}
+
+int run_sm90(const LinearProblem& p, int sm_count, cudaStream_t stream) {
+  if (!p.gate) return linear_sm90(p, sm_count, stream);
+  const int64_t batches = p.M / p.rows_per_gate;
+  if (batches <= kMaxFusedGateLaunches) {
+    const int64_t S = p.rows_per_gate;
+    for (int64_t b = 0; b < batches; ++b) {
+      LinearProblem q = p;
+      q.M = S;
+      q.x = offset(p.x, b * S * p.K, p.dtype);
+      q.residual = offset(p.residual, b * S * p.N, p.dtype);
+      q.out = const_cast<void*>(offset(p.out, b * S * p.N, p.dtype));
+      q.gate = offset(p.gate, b * p.N, p.dtype);
+      const int st = linear_sm90(q, sm_count, stream);
+      if (st) return st;  // kGemmNotSupported can only come from the first launch: all share one shape
+    }
+    return 0;
+  }
+  LinearProblem q = p;
+  q.gate = q.residual = nullptr;
+  const int st = linear_sm90(q, sm_count, stream);
+  if (st) return st;
+  return gated_residual_inplace(p.out, p.gate, p.residual, p.M, p.N, p.rows_per_gate, p.dtype, stream);
+}
+#endif
+
+int run_sm80(const LinearProblem& p, int sm_count, cudaStream_t stream) {
+  // The CUTLASS 2.x epilogue sees no coordinates, so the gate is a second, elementwise pass.
+  LinearProblem q = p;
+  q.gate = q.residual = nullptr;
+  const int st = linear_sm80(q, sm_count, stream);
+  if (st || !p.gate) return st;
+  return gated_residual_inplace(p.out, p.gate, p.residual, p.M, p.N, p.rows_per_gate, p.dtype, stream);
+}
+
+bool is_16bit(int dtype) { return dtype == FDM_BF16 || dtype == FDM_F16; }
+
+int check_dtype(int dtype) {
+  if (dtype == FDM_F32 || is_16bit(dtype)) return 0;
+  return arg_error("gemm: unsupported dtype code %d (want f32, f16 or bf16)", dtype);
+}
+
+}  // namespace
+
+int current_device_facts(DeviceFacts* facts) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  std::lock_guard<std::mutex> lock(g_facts_mutex);
+  if (dev < kMaxDevices && g_facts_known[dev]) {
+    *facts = g_facts[dev];
+    return 0;
+  }
+  DeviceFacts f;
+  if ((e = cudaDeviceGetAttribute(&f.cc_major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess ||
+      (e = cudaDeviceGetAttribute(&f.cc_minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess ||
+      (e = cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+    return static_cast<int>(e);
+  if (dev < kMaxDevices) {
+    g_facts[dev] = f;
+    g_facts_known[dev] = true;
+  }
+  *facts = f;
+  return 0;
+}
+
+int linear_dispatch(const LinearProblem& p, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return 0;
+  DeviceFacts dev;
+  if (const int st = current_device_facts(&dev)) return st;
+  const int force = g_force_path;
+  const bool tensor_cores = is_16bit(p.dtype) && p.K > 0;
+
+#ifdef FASTDM_HAS_SM90
+  if (tensor_cores && dev.cc_major == 9 && (force == kPathAuto || force == kPathSm90)) {
+    const int st = run_sm90(p, dev.sm_count, stream);
+    if (st != kGemmNotSupported) {
+      g_last_path = kPathSm90;
+      return st;
+    }
+  }
+#endif
+  if (force == kPathSm90) return arg_error("gemm: the sm90 path was forced but cannot take this problem or device");
+
+  if (tensor_cores && dev.cc_major >= 8 && (force == kPathAuto || force == kPathSm80)) {
+    const int st = run_sm80(p, dev.sm_count, stream);
+    if (st != kGemmNotSupported) {
+      g_last_path = kPathSm80;
+      return st;
+    }
+  }
+  if (force == kPathSm80) return arg_error("gemm: the sm80 path was forced but cannot take this problem or device");
+
+  g_last_path = kPathSimt;
+  return gemm_simt(simt_linear(p), stream);
+}
+
+}  // namespace fdm
+
+using namespace fdm;
+
+// out[M, N] = act(x[M, K] @ w[N, K]^T + bias[N]); bias may be null; act: 0 none, 1 gelu_tanh, 2 gelu, 3 silu.
+FDM_API int fdm_linear(const void* x, const void* w, const void* bias, void* out, int64_t M, int64_t N, int64_t K,
+                       int act, int dtype, cudaStream_t stream) {
+  if (const int st = check_dtype(dtype)) return st;
+  if (act < kActNone || act > kActSilu) return arg_error("unknown activation code %d", act);
+  if (M < 0 || N < 0 || K < 0) return arg_error("negative size (M=%lld N=%lld K=%lld)", (long long)M,
+                                                (long long)N, (long long)K);
+  LinearProblem p;
+  p.x = x;
+  p.w = w;
+  p.bias = bias;
+  p.out = out;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.act = act;
+  p.dtype = dtype;
+  return linear_dispatch(p, stream);
+}
+
+// out[b, s, :] = residual[b, s, :] + gate[b, :] * (x[b, s, :] @ w^T + bias); x [B, S, K], w [N, K], gate [B, N],
+// residual and out [B, S, N]. out must not overlap x, w or residual.
+FDM_API int fdm_linear_gated_residual(const void* x, const void* w, const void* bias, const void* gate,
+                                      const void* residual, void* out, int64_t B, int64_t S, int64_t N, int64_t K,
+                                      int dtype, cudaStream_t stream) {
+  if (const int st = check_dtype(dtype)) return st;
+  if (B < 0 || S < 0 || N < 0 || K < 0) return arg_error("negative size");
+  if (!gate || !residual) return arg_error("gate and residual are required");
+  if (B == 0 || S == 0) return 0;
+  LinearProblem p;
+  p.x = x;
+  p.w = w;
+  p.bias = bias;
+  p.gate = gate;
+  p.residual = residual;
+  p.out = out;
+  p.M = B * S;
+  p.N = N;
+  p.K = K;
+  p.rows_per_gate = S;
+  p.dtype = dtype;
+  return linear_dispatch(p, stream);
+}
+
+// c[b] = a[b] @ bm[b]: a [batch, M, K], bm [batch, K, N] (b_shared = 0) or [K, N] (b_shared = 1), c [batch, M, N];
+// all packed row-major.
+FDM_API int fdm_matmul(const void* a, const void* bm, void* c, int64_t batch, int64_t M, int64_t N, int64_t K,
+                       int b_shared, int dtype, cudaStream_t stream) {
+  if (const int st = check_dtype(dtype)) return st;
+  if (batch < 0 || M < 0 || N < 0 || K < 0) return arg_error("negative size");
+  if (batch == 0 || M == 0 || N == 0) return 0;
+  int64_t b_batch = K * N;
+  if (b_shared) {  // one B for all: the batch folds into M (a and c are packed)
+    M *= batch;
+    batch = 1;
+    b_batch = 0;
+  }
+  DeviceFacts dev;
+  if (const int st = current_device_facts(&dev)) return st;
+  const int force = g_force_path;
+  // No sm90 matmul kernel yet: a forced sm90 path means "tensor cores", which is the sm80 kernel here.
+  if (is_16bit(dtype) && K > 0 && dev.cc_major >= 8 && force != kPathSimt) {
+    const int st = matmul_sm80(a, bm, c, batch, M, N, K, b_batch, dtype, stream);
+    if (st != kGemmNotSupported) {
+      g_last_path = kPathSm80;
+      return st;
+    }
+  }
+  if (force == kPathSm80) return arg_error("the sm80 path was forced but cannot take this problem");
+  SimtProblem s;
+  s.a = a;
+  s.b = bm;
+  s.d = c;
+  s.M = M;
+  s.N = N;
+  s.K = K;
+  s.batch = batch;
+  s.a_m = K;
+  s.a_k = 1;
+  s.a_batch = M * K;
+  s.b_k = N;
+  s.b_n = 1;
+  s.b_batch = b_batch;
+  s.d_m = N;
+  s.d_batch = M * N;
+  s.dtype = dtype;
+  g_last_path = kPathSimt;
+  return gemm_simt(s, stream);
+}
+
+// Test hook: 0 picks the path by device and shape; 1 sm90, 2 sm80, 3 simt force one (a forced path that cannot
+// take a problem fails with an argument error instead of falling back).
+FDM_API int fdm_gemm_set_path(int path) {
+  if (path < kPathAuto || path > kPathSimt) return arg_error("unknown path %d", path);
+  g_force_path = path;
+  return 0;
+}
+
+// The path (1 sm90, 2 sm80, 3 simt) that ran the last GEMM on any thread; a query, not a status.
+FDM_API int fdm_gemm_last_path() { return g_last_path; }

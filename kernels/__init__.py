@@ -27,8 +27,55 @@ SIGNATURES: dict[str, list] = {
     "fdm_abi_version": [],
     "fdm_has_sm90": [],
     # -- elementwise.cu / norms.cu / rope.cu / misc (hand-written kernels) --
+    # elementwise.cu. (x, y, n, act, dtype, stream); act 0 gelu (erf), 1 gelu (tanh), 2 silu, 3 quick_gelu
+    "fdm_activation": [P, P, I64, I, I, P],
+    # (x [rows, 2n], y [rows, n], rows, n, approx_tanh, dtype, stream)
+    "fdm_gelu_mul": [P, P, I64, I64, I, I, P],
+    # (a, b|None, scalar, y, op 0 add / 1 mul, alpha, ndim, shape[ndim], b_strides[ndim], dtype, stream)
+    "fdm_binary": [P, P, F, P, I, F, I, ctypes.POINTER(I64), ctypes.POINTER(I64), I, P],
+    # (x, shift, shift_sb, shift_ss, scale, scale_sb, scale_ss, y, B, S, D, dtype, stream)
+    "fdm_modulate": [P, P, I64, I64, P, I64, I64, P, I64, I64, I64, I, P],
+    # (x, gate, gate_sb, gate_ss, y, out, B, S, D, dtype, stream)
+    "fdm_gated_residual": [P, P, I64, I64, P, P, I64, I64, I64, I, P],
+    # norms.cu; rows r = o * inner + i at x + o * xs_o + i * xs_i, y + o * ys_o + i * ys_i (element strides)
+    # (x, w|None, b|None, y, rows, inner, xs_o, xs_i, ys_o, ys_i, d, eps, dtype, stream)
+    "fdm_layer_norm": [P, P, P, P, I64, I64, I64, I64, I64, I64, I64, F, I, P],
+    # (x, shift, scale, mod_sb, mod_ss, y, rows, inner, xs_o, xs_i, ys_o, ys_i, d, eps, dtype, stream)
+    "fdm_layer_norm_modulate": [P, P, P, I64, I64, P, I64, I64, I64, I64, I64, I64, I64, F, I, P],
+    # (x, w|None, y, rows, inner, xs_o, xs_i, ys_o, ys_i, d, eps, dtype, stream); y may be x
+    "fdm_rms_norm": [P, P, P, I64, I64, I64, I64, I64, I64, I64, F, I, P],
+    # (x, y, rows, inner, xs_o, xs_i, ys_o, ys_i, d, dtype, stream)
+    "fdm_softmax": [P, P, I64, I64, I64, I64, I64, I64, I64, I, P],
+    # (x, w|None, b|None, y, ws f32 [N*G*chunks*2], chunks, N, C, HW, G, eps, silu, dtype, stream)
+    "fdm_group_norm": [P, P, P, P, P, I, I64, I64, I64, I, F, I, I, P],
+    # rope.cu. (x, y, cos, sin, B, S, H, D, xs_b, xs_s, xs_h, ys_b, ys_s, ys_h, interleaved, dtype, stream)
+    "fdm_rope": [P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, I, P],
+    # layout.cu. (src, dst, ndim, shape[ndim], src_strides[ndim], dst_strides[ndim], elem_size, stream)
+    "fdm_copy_strided": [P, P, I, ctypes.POINTER(I64), ctypes.POINTER(I64), ctypes.POINTER(I64), I64, P],
+    # (src, src_dtype, dst, dst_dtype, n, stream)
+    "fdm_cast": [P, I, P, I, I64, P],
+    # (ids, ids_dtype, table, out, n_ids, vocab, d, dtype, stream)
+    "fdm_embedding": [P, I, P, P, I64, I64, I64, I, P],
+    # (x, y, rows = N*C*H, w, elem_size, stream)
+    "fdm_upsample_nearest2x": [P, P, I64, I64, I64, P],
     # -- gemm (gemm_sm80.cu, sm90/gemm_sm90.cu) --
+    # gemm.cu: (x, w, bias|None, out, M, N, K, act, dtype, stream); act 0 none, 1 gelu_tanh, 2 gelu, 3 silu
+    "fdm_linear": [P, P, P, P, I64, I64, I64, I, I, P],
+    # (x, w, bias|None, gate, residual, out, B, S, N, K, dtype, stream)
+    "fdm_linear_gated_residual": [P, P, P, P, P, P, I64, I64, I64, I64, I, P],
+    # (a, b, c, batch, M, N, K, b_shared, dtype, stream)
+    "fdm_matmul": [P, P, P, I64, I64, I64, I64, I, I, P],
+    # test hooks: force a path (0 auto, 1 sm90, 2 sm80, 3 simt); fdm_gemm_last_path returns a path, not a status
+    "fdm_gemm_set_path": [I],
+    "fdm_gemm_last_path": [],
+    # im2col.cu: (x, w, bias|None, out, workspace, workspace_bytes, N, C, H, W, O, kh, kw, sh, sw, ph, pw, dtype,
+    #  stream)
+    "fdm_conv2d": [P, P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, P],
     # -- attention (attention.cu) --
+    # (q, k, v, key_padding_mask|None, out, B, Sq, Sk, H, D, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh,
+    #  mask_sb, scale, dtype, stream); strides in elements
+    "fdm_attention": [P, P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64,
+                      F, I, P],
 }
 
 _lib: ctypes.CDLL | None = None

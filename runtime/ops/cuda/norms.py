@@ -1,0 +1,185 @@
+"""ops.cuda norms and RoPE: layer_norm, layer_norm_modulate, rms_norm, group_norm, rope (kernels/norms.cu,
+kernels/rope.cu). float32 statistics; outputs in the input's dtype."""
+
+from __future__ import annotations
+
+from ... import dtypes
+from ...errors import InvalidArgumentError, ShapeError, UnsupportedDtypeError
+from ...tensor import Tensor, empty
+from ._common import (
+    call,
+    check_float,
+    check_same_dtype,
+    contig,
+    empty_like,
+    gpu_device,
+    per_batch,
+    rows_layout,
+    stream,
+)
+
+_GROUP_CHUNK = 16384  # elements per GroupNorm statistics piece (about 16K keeps every SM busy on big images)
+_MAX_GRID_Y = 65535
+
+
+def _rows(x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """x (copied when its leading dims need more than two strides) and its row layout."""
+    layout = rows_layout(x)
+    if layout is None:
+        x = contig(x)
+        layout = rows_layout(x)
+    return x, layout
+
+
+def _vector(op: str, v: Tensor | None, n: int, x: Tensor, name: str) -> Tensor | None:
+    """A per-feature vector (weight, bias) of shape [n] in x's dtype, contiguous."""
+    if v is None:
+        return None
+    check_same_dtype(op, x, v, name)
+    if v.shape != (n,):
+        raise ShapeError(f"ops.{op}: {name} must have shape ({n},), got {v.shape}")
+    return contig(v)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim; weight/bias [D] optional. x may be a strided view (contiguous last dim)."""
+    device = gpu_device("layer_norm", x, weight, bias)
+    check_float("layer_norm", x)
+    if x.ndim < 1:
+        raise ShapeError("ops.layer_norm: x must have at least 1 dim")
+    d = x.shape[-1]
+    weight = _vector("layer_norm", weight, d, x, "weight")
+    bias = _vector("layer_norm", bias, d, x, "bias")
+    x, (rows, inner, so, si) = _rows(x)
+    y = empty_like(x)
+    call("fdm_layer_norm", x.data_ptr, weight.data_ptr if weight is not None else None,
+         bias.data_ptr if bias is not None else None, y.data_ptr, rows, inner, so, si, inner * d, d, d, float(eps),
+         x.dtype.code, stream(device))
+    return y
+
+
+def layer_norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """layer_norm(x, no affine) * (1 + scale[:, None]) + shift[:, None] in one pass. x: [B, S, D];
+    shift, scale: [B, D] (row-strided views such as chunks of one [B, 6D] modulation output are read in place)."""
+    device = gpu_device("layer_norm_modulate", x, shift, scale)
+    check_float("layer_norm_modulate", x)
+    if x.ndim != 3:
+        raise ShapeError(f"ops.layer_norm_modulate: x must be [B, S, D], got {x.shape}")
+    shift, sb_shift = per_batch("layer_norm_modulate", shift, x, "shift")
+    scale, sb_scale = per_batch("layer_norm_modulate", scale, x, "scale")
+    if sb_shift != sb_scale:  # the kernel walks both with one stride
+        shift, scale = contig(shift), contig(scale)
+        sb_shift = sb_scale = x.shape[2] if x.shape[0] > 1 else 0
+    b, s, d = x.shape
+    # Rows are (batch, token) so the kernel finds the batch of a row as its outer index.
+    xs = x.strides
+    if d > 1 and xs[2] != 1:
+        x = contig(x)
+        xs = x.strides
+    y = empty_like(x)
+    if y.numel == 0:
+        return y
+    call("fdm_layer_norm_modulate", x.data_ptr, shift.data_ptr, scale.data_ptr, sb_shift, 0, y.data_ptr, b * s, s,
+         xs[0] if b > 1 else 0, xs[1] if s > 1 else 0, s * d, d, d, float(eps), x.dtype.code, stream(device))
+    return y
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, out: Tensor | None = None) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, float32 math. x may be a strided view with a
+    contiguous last dim, e.g. the q heads [B, S, H, D] of a fused [B, S, 3, H, D] QKV buffer, read in place.
+    `out` (x's shape and dtype, contiguous last dim; may be x itself) is written instead of a new tensor."""
+    device = gpu_device("rms_norm", x, weight, out)
+    check_float("rms_norm", x)
+    if x.ndim < 1:
+        raise ShapeError("ops.rms_norm: x must have at least 1 dim")
+    d = x.shape[-1]
+    weight = _vector("rms_norm", weight, d, x, "weight")
+    x, (rows, inner, so, si) = _rows(x)
+    yo, yi = inner * d, d  # a contiguous output in x's row split
+    if out is None:
+        out = empty_like(x)
+    else:
+        _check_out("rms_norm", out, x)
+        if not out.is_contiguous():
+            layout = rows_layout(out)
+            if layout is None or (rows > 0 and layout[1] != inner):
+                raise ShapeError(f"ops.rms_norm: out (strides {out.strides}) must be contiguous or split into rows "
+                                 f"like x (strides {x.strides}); pass a contiguous out")
+            yo, yi = layout[2], layout[3]
+    call("fdm_rms_norm", x.data_ptr, weight.data_ptr if weight is not None else None, out.data_ptr, rows, inner,
+         so, si, yo, yi, d, float(eps), x.dtype.code, stream(device))
+    return out
+
+
+def _check_out(op: str, out: Tensor, x: Tensor) -> None:
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ShapeError(f"ops.{op}: out must be {x.shape} {x.dtype.name}, got {out.shape} {out.dtype.name}")
+
+
+def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, num_groups: int,
+               eps: float = 1e-5, activation: str | None = None) -> Tensor:
+    """GroupNorm over x [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu"."""
+    device = gpu_device("group_norm", x, weight, bias)
+    check_float("group_norm", x)
+    if activation not in (None, "silu"):
+        raise InvalidArgumentError(f"ops.group_norm: activation must be None or 'silu', got {activation!r}")
+    if x.ndim < 2:
+        raise ShapeError(f"ops.group_norm: x must be [N, C, *spatial], got {x.shape}")
+    n, c = x.shape[:2]
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise InvalidArgumentError(f"ops.group_norm: num_groups must be an int >= 1, got {num_groups!r}")
+    if c % num_groups:
+        raise ShapeError(f"ops.group_norm: {c} channels do not split into {num_groups} groups")
+    if n * num_groups > _MAX_GRID_Y:
+        raise ShapeError(f"ops.group_norm: batch {n} x {num_groups} groups exceeds {_MAX_GRID_Y}; "
+                         "split the batch into smaller pieces")
+    weight = _vector("group_norm", weight, c, x, "weight")
+    bias = _vector("group_norm", bias, c, x, "bias")
+    x = contig(x)
+    hw = x.numel // max(n * c, 1)
+    y = empty_like(x)
+    if x.numel == 0:
+        return y
+    group_len = (c // num_groups) * hw
+    chunks = min(max(-(-group_len // _GROUP_CHUNK), 1), _MAX_GRID_Y)
+    ws = empty((n * num_groups * chunks * 2,), dtypes.float32, device)
+    call("fdm_group_norm", x.data_ptr, weight.data_ptr if weight is not None else None,
+         bias.data_ptr if bias is not None else None, y.data_ptr, ws.data_ptr, chunks, n, c, hw, num_groups,
+         float(eps), int(activation == "silu"), x.dtype.code, stream(device))
+    return y
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = True, out: Tensor | None = None) -> Tensor:
+    """Rotary embedding of x [B, S, H, D] with cos, sin float32 [S, D/2]; pairs (x[2i], x[2i+1]) when interleaved,
+    else (x[i], x[i + D/2]). x may be a strided view (contiguous last dim), e.g. q or k of a fused QKV buffer.
+    `out` (x's shape and dtype, contiguous last dim; may be x itself for in place) is written instead of a new
+    tensor."""
+    device = gpu_device("rope", x, cos, sin, out)
+    check_float("rope", x)
+    if x.ndim != 4:
+        raise ShapeError(f"ops.rope: x must be [B, S, H, D], got {x.shape}")
+    b, s, h, d = x.shape
+    if d % 2:
+        raise ShapeError(f"ops.rope: head dim D must be even, got {d}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != dtypes.float32:
+            raise UnsupportedDtypeError(f"ops.rope: {name} must be float32 (the angles need its precision), got "
+                             f"{t.dtype.name}; build it in float32")
+        if t.shape != (s, d // 2):
+            raise ShapeError(f"ops.rope: {name} must be [S, D/2] = {(s, d // 2)} for x {x.shape}, got {t.shape}")
+    cos, sin = contig(cos), contig(sin)
+    if d > 1 and x.strides[3] != 1:
+        x = contig(x)
+    if out is None:
+        out = empty_like(x)
+    else:
+        _check_out("rope", out, x)
+        if d > 1 and out.strides[3] != 1:
+            raise ShapeError(f"ops.rope: out needs a contiguous last dim, got strides {out.strides}")
+
+    def st(t: Tensor) -> list[int]:  # a size-1 dim's stride is never used; 0 keeps the alignment checks simple
+        return [0 if n == 1 else v for n, v in zip(t.shape[:3], t.strides[:3], strict=True)]
+
+    call("fdm_rope", x.data_ptr, out.data_ptr, cos.data_ptr, sin.data_ptr, b, s, h, d, *st(x), *st(out),
+         int(bool(interleaved)), x.dtype.code, stream(device))
+    return out

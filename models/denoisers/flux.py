@@ -274,7 +274,13 @@ class FluxTransformer:
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: Any = "cpu", dtype: Any = None) -> FluxTransformer:
         """Load a diffusers FluxTransformer2DModel folder (config.json + diffusion_pytorch_model*.safetensors), or
-        a pipeline root holding transformer/. `dtype` None keeps the stored dtype (bf16 for the published ones)."""
+        a pipeline root holding transformer/, or a single .safetensors file (original BFL, ComfyUI or diffusers key
+        names; the config is read off the tensor shapes). `dtype` None keeps the stored dtype (bf16 for the published
+        ones)."""
+        if Path(folder).is_file():
+            from ..convert.flux_single_file import load_flux_single_file  # imported here: it imports this module
+
+            return load_flux_single_file(folder, device=device, dtype=dtype)
         folder = component_folder(folder, "transformer")
         config = read_config(FluxTransformerConfig, folder)
         weights = load_weights(folder, expected_weights(config), WHAT, device=device, dtype=dtype)

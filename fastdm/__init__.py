@@ -12,4 +12,17 @@ from .runtime.dtypes import bfloat16, float16, float32  # noqa: E402
 from .runtime.errors import FastdmError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["FastdmError", "bfloat16", "dtypes", "float16", "float32"]
+__all__ = ["FastdmError", "Pipeline", "bfloat16", "dtypes", "float16", "float32"]
+
+
+def __getattr__(name: str):
+    # The pipelines import every model family; load them on first use so `import fastdm` stays light.
+    if name == "Pipeline":
+        from .models.pipelines import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'fastdm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"Pipeline"})

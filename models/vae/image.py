@@ -15,7 +15,7 @@ from ...runtime.tensor import Tensor
 _f32 = np.float32
 
 
-def _denormalize(x: np.ndarray) -> np.ndarray:
+def denormalize(x: np.ndarray) -> np.ndarray:
     """(x * 0.5 + 0.5).clamp(0, 1) with torch's rounding: each op rounds to x's dtype, so a bf16 image from a bf16
     pipeline gives the same bytes as diffusers; returns float32 (torch's `.float()`)."""
     if x.dtype in (dtypes.bfloat16.np, dtypes.float16.np):
@@ -41,7 +41,7 @@ def to_pil(images: Tensor | np.ndarray) -> list[Image.Image]:
                          f"{list(arr.shape)}")
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype not in (dtypes.bfloat16.np, dtypes.float16.np):
         raise ShapeError(f"to_pil: images must be floating-point values in [-1, 1], got {arr.dtype}")
-    pixels = np.ascontiguousarray(_denormalize(arr).transpose(0, 2, 3, 1))  # [B, H, W, C]
+    pixels = np.ascontiguousarray(denormalize(arr).transpose(0, 2, 3, 1))  # [B, H, W, C]
     pixels = (pixels * _f32(255)).round().astype(np.uint8)
     if pixels.shape[-1] == 1:
         return [Image.fromarray(p[:, :, 0], mode="L") for p in pixels]

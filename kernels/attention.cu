@@ -8,7 +8,11 @@
 // exp2 domain (scale * log2(e) folded into one multiply); P is rounded to the input type and fed straight from
 // the S accumulators into the P.V mma (the C layout of m16n8 equals the A layout of m16n8k16 for two n-blocks).
 // Shared-memory rows are XOR-swizzled in 16-byte chunks so ldmatrix and cp.async are free of bank conflicts.
+//
+// On Hopper (sm_90) the calls the wgmma/TMA kernel of kernels/sm90/attention_sm90.cu can take go there instead
+// (see fdm_attention); fdm_attention_set_path / fdm_attention_last_path let tests force and observe the choice.
 #include "common.cuh"
+#include "gemm.cuh"  // current_device_facts
 
 #include <climits>
 #include <cmath>
@@ -383,7 +387,24 @@ int launch(const Params& p, int64_t batch, cudaStream_t stream) {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
+// Which kernel ran last / is forced (fdm_attention_set_path, fdm_attention_last_path; used by tests).
+enum AttentionPath : int { kAttnAuto = 0, kAttnSm90 = 1, kAttnMma = 2 };
+int g_force_path = kAttnAuto;
+int g_last_path = kAttnAuto;
+
 }  // namespace
+
+#ifdef FASTDM_HAS_SM90
+namespace fdm {
+// kernels/sm90/attention_sm90.cu: the Hopper kernel for calls without a mask. Same q/k/v/out conventions and
+// strides as fdm_attention. Returns 0 or a cudaError_t once it launched; a negative status, with the reason in
+// fdm_last_error_message(), where it cannot take the call (it then touches nothing).
+extern int attention_sm90(const void* q, const void* k, const void* v, void* out, int64_t B, int64_t Sq,
+                          int64_t Sk, int64_t H, int64_t D, int64_t q_sb, int64_t q_ss, int64_t q_sh, int64_t k_sb,
+                          int64_t k_ss, int64_t k_sh, int64_t v_sb, int64_t v_ss, int64_t v_sh, float scale,
+                          int dtype, int sm_count, cudaStream_t stream);
+}  // namespace fdm
+#endif
 
 // q: [B, Sq, H, D], k, v: [B, Sk, H, D] with element strides (b, s, h) each and a contiguous last dim;
 // key_padding_mask: [B, Sk] uint8/bool with batch stride mask_sb (contiguous keys), nonzero = attend, or null;
@@ -423,6 +444,41 @@ FDM_API int fdm_attention(const void* q, const void* k, const void* v, const voi
   }
   if (key_padding_mask && mask_sb < 0) return fdm::arg_error("negative mask batch stride");
 
+  // Hopper: calls without a key padding mask on an sm_90 device go to the wgmma/TMA kernel. It refuses (negative
+  // status with the reason, nothing launched) Sk = 0, a scale that is not positive and finite, Sq * H * D >= 2^31,
+  // and q/k/v strides TMA cannot express (0 on a dim of size > 1, or >= 2^31); refused calls run on the mma.sync
+  // kernel below unless the sm90 path is forced, which then fails with the reason instead.
+  if (g_force_path != kAttnMma) {
+#ifdef FASTDM_HAS_SM90
+    fdm::DeviceFacts dev;
+    if (const int e = fdm::current_device_facts(&dev)) return e;
+    const bool sm90 = dev.cc_major == 9 && dev.cc_minor == 0;
+    int st = -1;
+    if (sm90 && !key_padding_mask) {
+      st = fdm::attention_sm90(q, k, v, out, B, Sq, Sk, H, D, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss,
+                               v_sh, scale, dtype, dev.sm_count, stream);
+    }
+    if (st >= 0) {
+      g_last_path = kAttnSm90;
+      return st;
+    }
+    if (g_force_path == kAttnSm90) {
+      if (!sm90) {
+        return fdm::arg_error("attention: the sm90 path was forced but the device is sm_%d%d", dev.cc_major,
+                              dev.cc_minor);
+      }
+      if (key_padding_mask) {
+        return fdm::arg_error("attention: the sm90 path was forced but it takes no key padding mask");
+      }
+      return st;  // attention_sm90's message says why
+    }
+#else
+    if (g_force_path == kAttnSm90) {
+      return fdm::arg_error("attention: the sm90 path was forced but the library was built without sm_90a");
+    }
+#endif
+  }
+
   Params p;
   p.q = q;
   p.k = k;
@@ -444,8 +500,20 @@ FDM_API int fdm_attention(const void* q, const void* k, const void* v, const voi
   p.h = static_cast<int>(H);
   p.scale_log2 = scale * 1.4426950408889634f;
 
+  g_last_path = kAttnMma;
   if (dtype == FDM_BF16) {
     return D == 64 ? launch<__nv_bfloat16, 64>(p, B, stream) : launch<__nv_bfloat16, 128>(p, B, stream);
   }
   return D == 64 ? launch<__half, 64>(p, B, stream) : launch<__half, 128>(p, B, stream);
 }
+
+// Test hook: 0 picks the kernel by device and call; 1 forces the sm90 (wgmma/TMA) kernel, 2 the mma.sync kernel.
+// A forced sm90 path that cannot take a call fails with an argument error saying why instead of falling back.
+FDM_API int fdm_attention_set_path(int path) {
+  if (path < kAttnAuto || path > kAttnMma) return fdm::arg_error("unknown attention path %d", path);
+  g_force_path = path;
+  return 0;
+}
+
+// The kernel (1 sm90, 2 mma.sync) that ran the last attention call on any thread; a query, not a status.
+FDM_API int fdm_attention_last_path() { return g_last_path; }

@@ -114,7 +114,7 @@ def test_config_from_folder(tmp_path):
 
 def test_user_errors():
     with pytest.raises(ModelLayoutError, match="not one fastdm implements"):
-        scheduler_from_config({"_class_name": "DPMSolverMultistepScheduler"})
+        scheduler_from_config({"_class_name": "DDIMScheduler"})
     with pytest.raises(ModelLayoutError, match="use_beta_sigmas"):
         FlowMatchEulerScheduler({"use_beta_sigmas": True})
     with pytest.raises(ModelLayoutError, match="stochastic_sampling"):

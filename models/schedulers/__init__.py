@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ...runtime.errors import ModelLayoutError
+from .dpmpp_2m import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
+from .euler_ancestral import EulerAncestralConfig, EulerAncestralDiscreteScheduler
+from .euler_discrete import EulerDiscreteConfig, EulerDiscreteScheduler
 from .flow_match_euler import (
     FlowMatchEulerConfig,
     FlowMatchEulerScheduler,
@@ -14,14 +17,20 @@ from .flow_match_euler import (
     flux_timesteps,
     load_config,
 )
+from .registry import SCHEDULER_NAMES, scheduler_by_name
 
 # diffusers' _class_name in scheduler_config.json -> the fastdm class that reproduces it
 SCHEDULERS: dict[str, type] = {
     "FlowMatchEulerDiscreteScheduler": FlowMatchEulerScheduler,
+    "EulerDiscreteScheduler": EulerDiscreteScheduler,
+    "EulerAncestralDiscreteScheduler": EulerAncestralDiscreteScheduler,
+    "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
 }
 
 
-def scheduler_from_config(source: str | Path | Mapping[str, Any]) -> FlowMatchEulerScheduler:
+def scheduler_from_config(
+    source: str | Path | Mapping[str, Any],
+) -> FlowMatchEulerScheduler | EulerDiscreteScheduler | EulerAncestralDiscreteScheduler | DPMSolverMultistepScheduler:
     """The scheduler a model folder's scheduler_config.json names (the dict, the file, its folder or the model root)."""
     raw = load_config(source)
     name = raw.get("_class_name")
@@ -33,4 +42,7 @@ def scheduler_from_config(source: str | Path | Mapping[str, Any]) -> FlowMatchEu
 
 
 __all__ = ["FlowMatchEulerConfig", "FlowMatchEulerScheduler", "SCHEDULERS", "calculate_shift", "flux_timesteps",
-           "load_config", "scheduler_from_config"]
+           "load_config", "scheduler_from_config",
+           "DPMSolverMultistepConfig", "DPMSolverMultistepScheduler", "EulerAncestralConfig",
+           "EulerAncestralDiscreteScheduler", "EulerDiscreteConfig", "EulerDiscreteScheduler", "SCHEDULER_NAMES",
+           "scheduler_by_name"]

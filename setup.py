@@ -4,7 +4,8 @@ The kernel library is a plain shared object with a C ABI (loaded with ctypes), b
 found. Without nvcc the package installs with the numpy reference backend only.
 
 Environment:
-  FASTDM_CUDA_ARCHS   semicolon list, default "80;86;89;90a"
+  FASTDM_CUDA_ARCHS   semicolon list; default: the local GPU's architecture when nvidia-smi sees one, else
+                      "80;86;89;90a" (A100, RTX 30xx/A10, RTX 40xx/L40, H100/H200)
   FASTDM_NO_KERNELS=1 skip the kernel build
   CUTLASS_DIR         a CUTLASS source tree (with include/cutlass); default: headers of the nvidia-cutlass package
 """
@@ -74,6 +75,22 @@ def cutlass_dir(build_root: Path) -> Path:
     return src
 
 
+def default_archs() -> str:
+    """The visible GPUs' architectures (a fast build for this machine), else every supported one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        caps = sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
+    except (OSError, subprocess.SubprocessError):
+        caps = []
+    archs = []
+    for cap in caps:
+        major, _, minor = cap.partition(".")
+        if major.isdigit() and minor.isdigit() and int(major) >= 8:
+            archs.append(f"{major}{minor}" + ("a" if major == "9" else ""))
+    return ";".join(archs) if archs else "80;86;89;90a"
+
+
 def build_kernel_library(out_dir: Path) -> None:
     if os.environ.get("FASTDM_NO_KERNELS") == "1":
         print("fastdm: FASTDM_NO_KERNELS=1, skipping the CUDA kernel library")
@@ -82,7 +99,8 @@ def build_kernel_library(out_dir: Path) -> None:
     if nvcc is None:
         print("fastdm: nvcc not found; installing the CPU reference backend only (no GPU ops)")
         return
-    archs = os.environ.get("FASTDM_CUDA_ARCHS", "80;86;89;90a")
+    archs = os.environ.get("FASTDM_CUDA_ARCHS") or default_archs()
+    print(f"fastdm: building the CUDA kernel library for {archs} (set FASTDM_CUDA_ARCHS to change)", flush=True)
     build_root = ROOT / "build"
     build_dir = build_root / ("kernels-" + archs.replace(";", "-"))
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []

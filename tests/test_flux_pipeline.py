@@ -365,3 +365,16 @@ def test_bf16_on_gpu_matches_diffusers_bf16(io, case):
     assert len(t.step_s) == CASES[case]["num_inference_steps"] and t.total_s > 0
     pils = p(**CASES[case])
     assert len(pils) == len(images) and pils[0].size == (CASES[case]["width"], CASES[case]["height"])
+
+
+
+def test_transformer_option_replaces_the_folders_transformer(tmp_path):
+    """transformer= loads the denoiser from elsewhere (a folder here; single files go through the same
+    FluxTransformer.from_pretrained, tested in test_flux_single_file.py) and the rest from the pipeline folder."""
+    folder = tmp_path / "tiny-flux"
+    shutil.copytree(FIXTURES / "tiny-flux", folder)
+    moved = shutil.move(str(folder / "transformer"), str(tmp_path / "my-transformer"))
+    ref = Pipeline.from_pretrained(FIXTURES / "tiny-flux", device="cpu")
+    pipe = Pipeline.from_pretrained(folder, device="cpu", transformer=moved)
+    kw = dict(width=32, height=32, num_inference_steps=2, seed=3, output_type="latent")
+    np.testing.assert_array_equal(ref("a red cube", **kw), pipe("a red cube", **kw))

@@ -181,9 +181,13 @@ class FluxPipeline(Pipeline):
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
     def _load(cls, folder: Path, index: dict[str, Any], device: Any, dtype: DType,
-              free_text_encoders: bool = False) -> FluxPipeline:
-        parts = {name: component_folder(folder, index, name, classes) for name, classes in COMPONENT_CLASSES.items()}
-        transformer = FluxTransformer.from_pretrained(parts["transformer"], device=device, dtype=dtype)
+              free_text_encoders: bool = False, transformer: str | Path | None = None) -> FluxPipeline:
+        """`transformer` replaces the folder's transformer/ with another folder or a single-file checkpoint
+        (flux1-dev.safetensors in the original BFL layout, a ComfyUI file, or diffusers names)."""
+        parts = {name: component_folder(folder, index, name, classes) for name, classes in COMPONENT_CLASSES.items()
+                 if not (name == "transformer" and transformer is not None)}
+        transformer = FluxTransformer.from_pretrained(transformer if transformer is not None else parts["transformer"],
+                                                      device=device, dtype=dtype)
         pipe = cls(scheduler=scheduler_from_config(parts["scheduler"]),
                    tokenizer=load_clip_tokenizer(parts["tokenizer"]),
                    tokenizer_2=load_t5_tokenizer(parts["tokenizer_2"]),

@@ -135,6 +135,19 @@ def _torch_forward(folder: Path, inp: dict, iters: int) -> tuple[np.ndarray, flo
     return ref, ms, load
 
 
+def _torch_forward_fp32(folder: Path, inp: dict) -> np.ndarray:
+    """diffusers in float32 on the same bf16 weights: the reference both bf16 outputs are measured against."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32).cuda()
+    tin = {k: torch.from_numpy(v).cuda() for k, v in inp.items()}
+    for k in ("hidden_states", "encoder_hidden_states", "pooled_projections"):  # the bf16 runs' exact inputs
+        tin[k] = tin[k].to(torch.bfloat16).float()
+    with torch.inference_mode():
+        return model(**tin, return_dict=False)[0].float().cpu().numpy()
+
+
 def bench_transformer(folder: Path, iters: int) -> None:
     import torch
     from fastdm.models.denoisers.flux import FluxTransformer
@@ -145,6 +158,8 @@ def bench_transformer(folder: Path, iters: int) -> None:
     inp = transformer_inputs()
     ref, ms_torch, t_load_torch = _torch_forward(folder, inp, iters)
     torch.cuda.empty_cache()
+    ref32 = _torch_forward_fp32(folder, inp)
+    torch.cuda.empty_cache()
 
     t0 = time.perf_counter()
     model = FluxTransformer.from_pretrained(folder / "transformer", device="cuda", dtype="bfloat16")
@@ -154,14 +169,18 @@ def bench_transformer(folder: Path, iters: int) -> None:
         dev_inp[k] = ops.cast(Tensor.from_numpy(inp[k], device="cuda"), "bfloat16")
     out = model(**dev_inp).numpy().astype(np.float32)
     ms_ours = time_fastdm(lambda: model(**dev_inp), warmup=2, iters=iters)
-    err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    err, err32, floor = rel(out, ref), rel(out, ref32), rel(ref, ref32)
     peak = memory.memory_stats().peak / 2**30
     print(f"card: {torch.cuda.get_device_name()}, FLUX.1 transformer 1024x1024 (4096 img + 512 txt tokens), bf16")
     print("| what | diffusers eager | fastdm | ratio |")
     print("|---|---|---|---|")
     print(f"| forward ms (median of {iters}) | {ms_torch:.1f} | {ms_ours:.1f} | {ms_torch / ms_ours:.2f}x |")
     print(f"| load s (warm page cache) | {t_load_torch:.1f} | {t_load_ours:.1f} | {t_load_torch / t_load_ours:.2f}x |")
-    print(f"| output rel L2 vs diffusers | - | {err:.2e} | |")
+    print(f"| output rel L2 vs diffusers bf16 | - | {err:.2e} | |")
+    print(f"| output rel L2 vs diffusers fp32 | {floor:.2e} (diffusers bf16) | {err32:.2e} | |")
     print(f"| fastdm peak allocated GiB | - | {peak:.1f} | |", flush=True)
 
 

@@ -68,14 +68,33 @@ SIGNATURES: dict[str, list] = {
     # test hooks: force a path (0 auto, 1 sm90, 2 sm80, 3 simt); fdm_gemm_last_path returns a path, not a status
     "fdm_gemm_set_path": [I],
     "fdm_gemm_last_path": [],
+    # sm90 configurations (kSm90Configs in gemm.cuh): force one (-1 = choose per problem); count, last and name
+    # are queries; name fills (buf, len) with a NUL-terminated string
+    "fdm_gemm_sm90_set_config": [I],
+    "fdm_gemm_sm90_config_count": [],
+    "fdm_gemm_sm90_last_config": [],
+    "fdm_gemm_sm90_config_name": [I, ctypes.c_char_p, I64],
     # im2col.cu: (x, w, bias|None, out, workspace, workspace_bytes, N, C, H, W, O, kh, kw, sh, sw, ph, pw, dtype,
     #  stream)
     "fdm_conv2d": [P, P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, P],
+    # -- conv (conv_implicit.cu) --
+    # (x [N,H,W,C], w [K,R,S,C], bias|None, out [N,P,Q,K], N, H, W, C, K, R, S, stride_h, stride_w, pad_h, pad_w,
+    #  dtype, stream); bf16/fp16, C and K multiples of 8
+    "fdm_conv2d_nhwc": [P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, P],
+    # test/bench hooks: force a tile configuration (-1 = choose per problem; also forgets the last one);
+    # last_config (-1 = none ran since) and config_count return values, not statuses
+    "fdm_conv2d_nhwc_set_config": [I],
+    "fdm_conv2d_nhwc_last_config": [],
+    "fdm_conv2d_nhwc_config_count": [],
     # -- attention (attention.cu) --
     # (q, k, v, key_padding_mask|None, out, B, Sq, Sk, H, D, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh,
     #  mask_sb, scale, dtype, stream); strides in elements
     "fdm_attention": [P, P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64,
                       F, I, P],
+    # test hooks: force a kernel (0 auto, 1 sm90 wgmma/TMA, 2 mma.sync); fdm_attention_last_path returns a path,
+    # not a status
+    "fdm_attention_set_path": [I],
+    "fdm_attention_last_path": [],
 }
 
 _lib: ctypes.CDLL | None = None

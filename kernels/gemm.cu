@@ -4,6 +4,8 @@
 //   fp32, odd K or N, unaligned pointers:  SIMT (exact fp32, any alignment)
 // A path that cannot take a problem answers kGemmNotSupported and the next one is tried; results agree to
 // rounding because every path accumulates in fp32 and applies the same epilogue.
+// On sm90 one of several CUTLASS configurations runs (gemm.cuh, kSm90Configs): choose_sm90_config below picks it
+// from a table of measured winners (bench/gemm_sweep.py), else by rules.
 #include "gemm.cuh"
 
 #include <mutex>
@@ -13,6 +15,8 @@ namespace {
 
 int g_force_path = kPathAuto;  // fdm_gemm_set_path (tests)
 int g_last_path = kPathAuto;   // fdm_gemm_last_path (tests)
+int g_sm90_force_config = -1;  // fdm_gemm_sm90_set_config (tests, bench/gemm_sweep.py); -1 = choose
+int g_sm90_last_config = -1;   // fdm_gemm_sm90_last_config
 
 constexpr int kMaxDevices = 64;
 std::mutex g_facts_mutex;
@@ -42,6 +46,101 @@ SimtProblem simt_linear(const LinearProblem& p) {
 }
 
 #ifdef FASTDM_HAS_SM90
+// ---- which sm90 configuration runs a problem -------------------------------------------------------------------
+// Named indices into kSm90Configs (gemm.cuh) that the rules below use; checked against the table at compile time.
+constexpr int kCfgCoop128x256Dp = 0;      // coop 128x256 c2x1, data-parallel, auto tile order
+constexpr int kCfgCoop128x256Sk = 5;      // coop 128x256 c2x1, stream-K over a partial last wave
+constexpr int kCfgCoop128x128Sk = 10;     // coop 128x128 c1x1, stream-K over a partial last wave
+constexpr int kCfgPingpong128x128C2 = 14;  // ping-pong 128x128 c2x1, auto tile order
+static_assert(kSm90Configs[kCfgCoop128x256Dp].kernel == kSm90Coop128x256 &&
+              kSm90Configs[kCfgCoop128x256Dp].decomp == kDecompDataParallel &&
+              kSm90Configs[kCfgCoop128x256Dp].raster == kRasterAuto);
+static_assert(kSm90Configs[kCfgCoop128x256Sk].kernel == kSm90Coop128x256 &&
+              kSm90Configs[kCfgCoop128x256Sk].decomp == kDecompHeuristic &&
+              kSm90Configs[kCfgCoop128x256Sk].raster == kRasterAuto);
+static_assert(kSm90Configs[kCfgCoop128x128Sk].kernel == kSm90Coop128x128 &&
+              kSm90Configs[kCfgCoop128x128Sk].decomp == kDecompHeuristic);
+static_assert(kSm90Configs[kCfgPingpong128x128C2].kernel == kSm90Pingpong128x128C2 &&
+              kSm90Configs[kCfgPingpong128x128C2].raster == kRasterAuto);
+
+// THE TABLE OF WINNERS: for an exact (M, N, K), the configurations bench/gemm_sweep.py measured fastest, for the
+// plain linear and for the gated residual (-1: the plain winner, or its C-reading sibling when that is the lean
+// kernel). The sweep prints rows in this form; paste them here. Shapes not listed go by sm90_rule.
+struct Sm90Winner {
+  int64_t M, N, K;
+  int plain, gated;
+};
+constexpr Sm90Winner kSm90Winners[] = {
+    // Best guesses (the rules' own picks) until a sweep has run on an H100/H200.
+    // FLUX.1 1024x1024: 4096 image + 512 text tokens
+    {4608, 9216, 3072, kCfgCoop128x256Sk, -1},   // qkv
+    {4608, 12288, 3072, kCfgCoop128x256Sk, -1},  // mlp up
+    {4608, 3072, 12288, kCfgCoop128x256Sk, -1},  // mlp down
+    {4608, 3072, 15360, kCfgCoop128x256Sk, -1},  // single-block out
+    {4608, 3072, 3072, kCfgCoop128x256Sk, -1},   // attention out
+    // SDXL 1024x1024, batch 2 (CFG)
+    {8192, 5120, 640, kCfgPingpong128x128C2, -1},    // 64x64 ff up
+    {2048, 10240, 1280, kCfgPingpong128x128C2, -1},  // 32x32 ff up
+    {2048, 1280, 5120, kCfgCoop128x128Sk, -1},       // 32x32 ff down
+    {8192, 640, 640, kCfgPingpong128x128C2, -1},     // 64x64 attention projections
+    {2048, 1280, 1280, kCfgCoop128x128Sk, -1},       // 32x32 attention projections
+    // Wan2.2-TI2V-5B 704x1280x121
+    {27280, 14336, 3072, kCfgCoop128x256Sk, -1},  // ff up
+    {27280, 3072, 14336, kCfgCoop128x256Sk, -1},  // ff down
+};
+
+constexpr bool winners_valid() {
+  for (const Sm90Winner& w : kSm90Winners) {
+    if (w.plain < 0 || w.plain >= kSm90ConfigCount || w.gated < -1 || w.gated >= kSm90ConfigCount) return false;
+    if (w.gated >= 0 && !sm90_config_takes_gate(kSm90Configs[w.gated])) return false;
+  }
+  return true;
+}
+static_assert(winners_valid(), "kSm90Winners names a configuration that does not exist or cannot take a gate");
+
+// Shapes without a measured winner.
+int sm90_rule(const LinearProblem& p, int sm_count) {
+  const int64_t big_tiles = ceil_div(p.M, 128) * ceil_div(p.N, 256);
+  if (big_tiles >= sm_count) {
+    // Short K (up to 24 k-blocks of 64) leaves few MMAs per tile to hide the epilogue behind; ping-pong overlaps
+    // one tile's epilogue with the other warp group's MMAs.
+    if (p.K <= 1536) return kCfgPingpong128x128C2;
+    // Stream-K spreads a mostly empty last wave over all SMs (e.g. 432 tiles on 132 SMs: 3.3 waves, not 4).
+    return kCfgCoop128x256Sk;
+  }
+  // Under a wave of large tiles: smaller tiles for more CTAs, and stream-K for the rest.
+  return kCfgCoop128x128Sk;
+}
+
+// The configuration with the same scheduling on the C-reading kernel, for gated problems.
+int gated_sibling(int config) {
+  if (sm90_config_takes_gate(kSm90Configs[config])) return config;
+  const Sm90Config& c = kSm90Configs[config];
+  for (int i = 0; i < kSm90ConfigCount; ++i) {
+    const Sm90Config& d = kSm90Configs[i];
+    if (d.kernel == kSm90Coop128x256 && d.decomp == c.decomp && d.raster == c.raster && d.swizzle == c.swizzle)
+      return i;
+  }
+  return kCfgCoop128x256Dp;
+}
+
+int choose_sm90_config(const LinearProblem& p, int sm_count) {
+  if (g_sm90_force_config >= 0) return g_sm90_force_config;  // may not take p: the caller then moves on
+  for (const Sm90Winner& w : kSm90Winners) {
+    if (w.M != p.M || w.N != p.N || w.K != p.K) continue;
+    if (p.gate && w.gated >= 0) return w.gated;
+    return p.gate ? gated_sibling(w.plain) : w.plain;
+  }
+  const int config = sm90_rule(p, sm_count);
+  return p.gate ? gated_sibling(config) : config;
+}
+
+int run_config(const LinearProblem& p, int config, int sm_count, cudaStream_t stream) {
+  const int st = linear_sm90(p, kSm90Configs[config], sm_count, stream);
+  if (st != kGemmNotSupported) g_sm90_last_config = config;
+  return st;
+}
+
 // Gated problems with at most this many batches run fused on sm90, one launch per batch; more batches
 // (small per-batch row counts) run as one GEMM plus an elementwise pass.
 constexpr int64_t kMaxFusedGateLaunches = 8;
@@ -53,10 +152,11 @@ const void* offset(const void* p, int64_t elements, int dtype) {
 }
 
 int run_sm90(const LinearProblem& p, int sm_count, cudaStream_t stream) {
-  if (!p.gate) return linear_sm90(p, sm_count, stream);
+  if (!p.gate) return run_config(p, choose_sm90_config(p, sm_count), sm_count, stream);
   const int64_t batches = p.M / p.rows_per_gate;
   if (batches <= kMaxFusedGateLaunches) {
     const int64_t S = p.rows_per_gate;
+    int config = -1;
     for (int64_t b = 0; b < batches; ++b) {
       LinearProblem q = p;
       q.M = S;
@@ -64,14 +164,15 @@ int run_sm90(const LinearProblem& p, int sm_count, cudaStream_t stream) {
       q.residual = offset(p.residual, b * S * p.N, p.dtype);
       q.out = const_cast<void*>(offset(p.out, b * S * p.N, p.dtype));
       q.gate = offset(p.gate, b * p.N, p.dtype);
-      const int st = linear_sm90(q, sm_count, stream);
+      if (config < 0) config = choose_sm90_config(q, sm_count);
+      const int st = run_config(q, config, sm_count, stream);
       if (st) return st;  // kGemmNotSupported can only come from the first launch: all share one shape
     }
     return 0;
   }
   LinearProblem q = p;
   q.gate = q.residual = nullptr;
-  const int st = linear_sm90(q, sm_count, stream);
+  const int st = run_config(q, choose_sm90_config(q, sm_count), sm_count, stream);
   if (st) return st;
   return gated_residual_inplace(p.out, p.gate, p.residual, p.M, p.N, p.rows_per_gate, p.dtype, stream);
 }
@@ -252,3 +353,39 @@ FDM_API int fdm_gemm_set_path(int path) {
 
 // The path (1 sm90, 2 sm80, 3 simt) that ran the last GEMM on any thread; a query, not a status.
 FDM_API int fdm_gemm_last_path() { return g_last_path; }
+
+// Test/benchmark hook: run every sm90 linear with configuration `config` (an index into kSm90Configs, gemm.cuh),
+// or -1 to choose per problem. A forced configuration that cannot take a problem (a gate on the lean kernel)
+// passes it on like any unsupported problem: to the sm80 path, or an error where fdm_gemm_set_path forces sm90.
+FDM_API int fdm_gemm_sm90_set_config(int config) {
+  if (config < -1 || config >= kSm90ConfigCount)
+    return arg_error("sm90 GEMM configuration %d does not exist (want -1 or 0..%d)", config, kSm90ConfigCount - 1);
+  g_sm90_force_config = config;
+  return 0;
+}
+
+// The number of sm90 configurations; a query, not a status.
+FDM_API int fdm_gemm_sm90_config_count() { return kSm90ConfigCount; }
+
+// The configuration that ran the last sm90 linear on any thread (-1 before any); a query, not a status.
+FDM_API int fdm_gemm_sm90_last_config() { return g_sm90_last_config; }
+
+// A readable name of configuration `config`, NUL-terminated into buf[len], e.g.
+// "coop 128x256 c2x1 | stream-k heuristic | raster auto".
+FDM_API int fdm_gemm_sm90_config_name(int config, char* buf, int64_t len) {
+  if (config < 0 || config >= kSm90ConfigCount)
+    return arg_error("sm90 GEMM configuration %d does not exist (want 0..%d)", config, kSm90ConfigCount - 1);
+  if (!buf || len < 1) return arg_error("config name buffer is empty");
+  static const char* const kernels[] = {"coop 128x256 c2x1",     "coop 256x128 c1x2",     "coop 128x128 c1x1",
+                                        "pingpong 128x128 c1x1", "pingpong 128x128 c2x1", "coop 128x256 c2x1 lean"};
+  static const char* const decomps[] = {"data-parallel", "stream-k heuristic", "stream-k"};
+  static_assert(sizeof(kernels) / sizeof(kernels[0]) == kSm90KernelCount);
+  const Sm90Config& c = kSm90Configs[config];
+  char order[32];
+  if (c.raster == kRasterAuto)
+    snprintf(order, sizeof(order), "raster auto");
+  else
+    snprintf(order, sizeof(order), "along %s swizzle %d", c.raster == kRasterAlongM ? "M" : "N", c.swizzle);
+  snprintf(buf, size_t(len), "%s | %s | %s", kernels[c.kernel], decomps[c.decomp], order);
+  return 0;
+}

@@ -71,9 +71,71 @@ struct DeviceFacts {
 };
 int current_device_facts(DeviceFacts* facts);  // cudaError_t as int
 
-// sm90 (kernels/sm90/gemm_sm90*.cu; declared only where they are compiled in).
+// ---- sm90 configurations -------------------------------------------------------------------------------------
+// A configuration is one CUTLASS kernel (compiled once per 16-bit dtype, one kernels/sm90/gemm_sm90_<kernel>.cu
+// each) plus run-time scheduler settings that cost no extra compile: the work decomposition (stream-K needs the
+// kernel built with CUTLASS's stream-K scheduler) and the tile order (raster direction, swizzle).
+// gemm.cu picks one per problem (its table of measured winners, then rules); bench/gemm_sweep.py times them all
+// through fdm_gemm_sm90_set_config.
+enum Sm90Kernel : int {
+  kSm90Coop128x256 = 0,  // cooperative 128x256x64, cluster 2x1 (B multicast), stream-K scheduler
+  kSm90Coop256x128,      // cooperative 256x128x64, cluster 1x2 (A multicast), stream-K scheduler
+  kSm90Coop128x128,      // cooperative 128x128x64, cluster 1x1, stream-K scheduler
+  kSm90Pingpong128x128,  // ping-pong 128x128x64, cluster 1x1, persistent scheduler (no stream-K)
+  kSm90Pingpong128x128C2,  // ping-pong 128x128x64, cluster 2x1, persistent scheduler (no stream-K)
+  kSm90Coop128x256Lean,  // kSm90Coop128x256 with an epilogue that never reads C: plain linear only (no gate)
+  kSm90KernelCount
+};
+
+enum Sm90Decomp : int {
+  kDecompDataParallel = 0,  // one CTA per output tile (no workspace)
+  kDecompHeuristic,         // CUTLASS's choice: stream-K / split-K over the last partial wave, else data-parallel
+  kDecompStreamK,           // stream-K whenever the tiles do not fill whole waves
+};
+
+enum Sm90Raster : int {
+  kRasterAuto = 0,  // direction and swizzle from a DRAM-traffic estimate (sm90_auto_raster in gemm_sm90.cu)
+  kRasterAlongM,    // consecutive CTAs walk down M (reuse a few B column blocks)
+  kRasterAlongN,    // consecutive CTAs walk along N (reuse a few A row blocks)
+};
+
+struct Sm90Config {
+  Sm90Kernel kernel;
+  Sm90Decomp decomp;
+  Sm90Raster raster;
+  int swizzle;  // CUTLASS max_swizzle_size (1, 2, 4, 8); ignored with kRasterAuto, which picks its own
+};
+
+// Every configuration, by index (fdm_gemm_sm90_set_config, the winners table in gemm.cu). Append new ones at the
+// end so recorded indices keep their meaning.
+inline constexpr Sm90Config kSm90Configs[] = {
+    {kSm90Coop128x256, kDecompDataParallel, kRasterAuto, 1},       // 0
+    {kSm90Coop128x256, kDecompDataParallel, kRasterAlongM, 1},     // 1
+    {kSm90Coop128x256, kDecompDataParallel, kRasterAlongN, 1},     // 2
+    {kSm90Coop128x256, kDecompDataParallel, kRasterAlongM, 4},     // 3
+    {kSm90Coop128x256, kDecompDataParallel, kRasterAlongN, 4},     // 4
+    {kSm90Coop128x256, kDecompHeuristic, kRasterAuto, 1},          // 5
+    {kSm90Coop128x256, kDecompStreamK, kRasterAuto, 1},            // 6
+    {kSm90Coop256x128, kDecompDataParallel, kRasterAuto, 1},       // 7
+    {kSm90Coop256x128, kDecompHeuristic, kRasterAuto, 1},          // 8
+    {kSm90Coop128x128, kDecompDataParallel, kRasterAuto, 1},       // 9
+    {kSm90Coop128x128, kDecompHeuristic, kRasterAuto, 1},          // 10
+    {kSm90Coop128x128, kDecompStreamK, kRasterAuto, 1},            // 11
+    {kSm90Pingpong128x128, kDecompDataParallel, kRasterAuto, 1},   // 12
+    {kSm90Pingpong128x128, kDecompDataParallel, kRasterAlongM, 1}, // 13
+    {kSm90Pingpong128x128C2, kDecompDataParallel, kRasterAuto, 1}, // 14
+    {kSm90Coop128x256Lean, kDecompDataParallel, kRasterAuto, 1},   // 15
+    {kSm90Coop128x256Lean, kDecompHeuristic, kRasterAuto, 1},      // 16
+};
+inline constexpr int kSm90ConfigCount = int(sizeof(kSm90Configs) / sizeof(kSm90Configs[0]));
+
+// Whether a configuration can run gated problems (gate/residual set): the lean epilogue has no C operand.
+inline constexpr bool sm90_config_takes_gate(const Sm90Config& c) { return c.kernel != kSm90Coop128x256Lean; }
+
+// sm90 (kernels/sm90/gemm_sm90*.cu; declared only where they are compiled in). Returns kGemmNotSupported when
+// the configuration cannot take the problem (alignment, sizes, a gate on the lean kernel).
 #ifdef FASTDM_HAS_SM90
-int linear_sm90(const LinearProblem& p, int sm_count, cudaStream_t stream);
+int linear_sm90(const LinearProblem& p, const Sm90Config& config, int sm_count, cudaStream_t stream);
 #endif
 
 // sm80 (gemm_sm80.cu): act(x @ w^T + bias) only (gate/residual must be null).

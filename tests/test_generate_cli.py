@@ -99,3 +99,62 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, args, message):
     assert "Traceback" not in res.stderr
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jpg"))
+
+
+# ------------------------------------------------------------------------------------------------------ SDXL
+TINY_SDXL = ROOT / "tests" / "fixtures" / "tiny-sdxl"
+SDXL_IO = ROOT / "tests" / "fixtures" / "tiny_sdxl_pipeline_io.safetensors"
+
+
+def _sdxl_case(name: str) -> dict:
+    with safe_open(str(SDXL_IO), "np") as f:
+        return json.loads(f.metadata()["cases"])[name]
+
+
+def test_sdxl_with_negative_prompt_and_scheduler_writes_diffusers_pixels(tmp_path):
+    """The fixture's "dpmpp_2m_karras_rect" case through the CLI: a negative prompt and DPM++ 2M Karras at 48x32."""
+    case = _sdxl_case("dpmpp_2m_karras_rect")
+    out = tmp_path / "bike.png"
+    res = _run(["--model", str(TINY_SDXL), "--prompt", case["prompt"], "--negative-prompt", case["negative_prompt"],
+                "--scheduler", case["scheduler"], "--width", str(case["width"]), "--height", str(case["height"]),
+                "--steps", str(case["num_inference_steps"]), "--guidance", str(case["guidance_scale"]), "--seed",
+                str(case["seed"]), "--device", "cpu", "--out", str(out)], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "StableDiffusionXLPipeline, cpu, float32" in res.stdout
+    assert f"mean of {case['num_inference_steps']};" in res.stdout
+    expected = load_file(str(SDXL_IO))["dpmpp_2m_karras_rect.pixels"][0]  # diffusers' PIL output [32, 48, 3]
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (case["width"], case["height"])
+    diff = np.abs(_pixels(out).astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.005  # the bound of test_sdxl_pipeline's pixel test
+
+
+def test_sdxl_defaults_come_from_the_model(tmp_path):
+    """No --width/--height/--steps/--guidance: the pipeline's defaults (30 steps, guidance 5) at the UNet's native
+    size (the tiny model's sample_size 8 -> 64x64), not FLUX's."""
+    res = _run(["--model", str(TINY_SDXL), "--prompt", "a red bicycle", "--device", "cpu", "--out", "bike.png"],
+               cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "mean of 30;" in res.stdout and "30/30" in res.stderr
+    with Image.open(tmp_path / "bike.png") as im:
+        assert im.size == (64, 64)
+
+
+@pytest.mark.parametrize("model, args, message", [
+    ("flux", ["--negative-prompt", "blurry"], "--negative-prompt does not apply to FluxPipeline"),
+    ("flux", ["--scheduler", "euler"], "--scheduler does not apply to FluxPipeline"),
+    ("sdxl", ["--max-sequence-length", "64"], "--max-sequence-length does not apply to StableDiffusionXLPipeline"),
+    ("sdxl", ["--scheduler", "ddim"], "unknown scheduler 'ddim' for SDXL; use one of euler, euler_a, dpmpp_2m"),
+    ("sdxl", ["--width", "60"], "width 60 is not a multiple of 8 (the VAE's latents are 1/8 of the image): use 56 "
+                                "or 64"),
+    ("sdxl", ["--steps", "0"], "num_inference_steps must be a positive integer"),
+])
+def test_flags_a_model_cannot_honour_are_refused(tmp_path, model, args, message):
+    folder = TINY if model == "flux" else TINY_SDXL
+    res = _run(["--model", str(folder), "--prompt", "a cat", "--device", "cpu"] + args, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert "Traceback" not in res.stderr
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert "loaded" not in res.stdout  # refused before loading the model
+    assert not list(tmp_path.glob("*.png"))

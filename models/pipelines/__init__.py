@@ -4,6 +4,8 @@ folder's model_index.json and builds the fastdm pipeline that its `_class_name` 
     pipe = Pipeline.from_pretrained("/models/FLUX.1-dev")            # a FluxPipeline, on the GPU when there is one
     images = pipe("a frog holding a sign that says hello", seed=0)   # a list of PIL images
     print(pipe.timings)                                              # load / encode / per-step / decode / total
+    sdxl = Pipeline.from_pretrained("/models/stable-diffusion-xl-base-1.0")   # a StableDiffusionXLPipeline
+    images = sdxl("an astronaut riding a horse", negative_prompt="blurry", scheduler="dpmpp_2m_karras")
 """
 
 from __future__ import annotations
@@ -173,6 +175,12 @@ class Pipeline:
         target._check_call(Path(folder), index, **call_args)
 
     @classmethod
+    def class_for(cls, folder: str | Path) -> type[Pipeline]:
+        """The pipeline class that would load `folder` (from its model_index.json, nothing loaded); raises what
+        from_pretrained raises for a folder that is not a supported pipeline."""
+        return cls._class_for(folder)[0]
+
+    @classmethod
     def _class_for(cls, folder: str | Path) -> tuple[type[Pipeline], dict[str, Any]]:
         index = read_model_index(folder)
         name = index["_class_name"]
@@ -200,9 +208,11 @@ class Pipeline:
         self.timings = Timings()
 
 
-from .flux import FluxPipeline  # noqa: E402  (it subclasses Pipeline, defined above)
+from .flux import FluxPipeline  # noqa: E402  (these subclass Pipeline, defined above)
+from .sdxl import StableDiffusionXLPipeline  # noqa: E402
 
-PIPELINES: dict[str, type[Pipeline]] = {name: cls for cls in (FluxPipeline,) for name in cls.CLASS_NAMES}
+PIPELINES: dict[str, type[Pipeline]] = {name: cls for cls in (FluxPipeline, StableDiffusionXLPipeline)
+                                        for name in cls.CLASS_NAMES}
 
-__all__ = ["FluxPipeline", "PIPELINES", "Pipeline", "Timings", "component_folder", "read_model_index",
-           "resolve_device", "resolve_dtype"]
+__all__ = ["FluxPipeline", "PIPELINES", "Pipeline", "StableDiffusionXLPipeline", "Timings", "component_folder",
+           "read_model_index", "resolve_device", "resolve_dtype"]

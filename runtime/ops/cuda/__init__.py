@@ -1,8 +1,9 @@
 """GPU backend of runtime.ops: the same functions as ops.cpu, on device Tensors, running library kernels."""
 
 from .attention import attention
+from .conv import conv2d
 from .elementwise import add, gated_residual, gelu, gelu_mul, modulate, mul, quick_gelu, silu, softmax
-from .gemm import conv2d, linear, linear_gated_residual, matmul
+from .gemm import linear, linear_gated_residual, matmul
 from .layout import cast, concat, contiguous, embedding, permute, timestep_embedding, upsample_nearest2x
 from .norms import group_norm, layer_norm, layer_norm_modulate, rms_norm, rope
 

@@ -1,4 +1,5 @@
-"""ops.cuda GEMM ops: linear (+ bias, GELU/SiLU, gated residual), batched matmul and conv2d (im2col + GEMM).
+"""ops.cuda GEMM ops: linear (+ bias, GELU/SiLU, gated residual), batched matmul, and conv2d as im2col + GEMM
+(`conv2d_im2col`: the fallback of ops.cuda.conv2d in conv.py for shapes the implicit-GEMM kernel cannot take).
 
 The kernels (kernels/gemm*.cu, kernels/sm90/gemm_sm90.cu, kernels/im2col.cu) accumulate in float32 and return
 the input's dtype. bf16/fp16 run on tensor cores (CUTLASS sm90 kernels on Hopper, sm80 kernels elsewhere) when
@@ -122,10 +123,11 @@ def _round8(v: int) -> int:
     return (v + 7) // 8 * 8
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0,
-           out: Tensor | None = None) -> Tensor:
-    """2-D cross-correlation as torch.nn.functional.conv2d (groups=1, dilation=1, symmetric zero padding).
-    x: [N, C, H, W], weight: [O, C, kh, kw], bias: [O] -> [N, O, Ho, Wo]."""
+def conv2d_im2col(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0,
+                  out: Tensor | None = None) -> Tensor:
+    """2-D cross-correlation as torch.nn.functional.conv2d (groups=1, dilation=1, symmetric zero padding) through
+    an im2col buffer and the GEMM paths: any shape and float dtype. ops.cuda.conv2d (conv.py) calls it for shapes
+    its implicit GEMM rejects. x: [N, C, H, W], weight: [O, C, kh, kw], bias: [O] -> [N, O, Ho, Wo]."""
     if not isinstance(stride, (int, np.integer)) or isinstance(stride, bool) or stride < 1:
         raise InvalidArgumentError(f"ops.conv2d: stride must be an int >= 1, got {stride!r}")
     if not isinstance(padding, (int, np.integer)) or isinstance(padding, bool) or padding < 0:

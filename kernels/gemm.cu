@@ -71,22 +71,23 @@ struct Sm90Winner {
   int plain, gated;
 };
 constexpr Sm90Winner kSm90Winners[] = {
-    // Best guesses (the rules' own picks) until a sweep has run on an H100/H200.
+    // Measured by bench/gemm_sweep.py on an H200 (2026-11-26, bf16; docs/benchmarks.md): the fastest configuration
+    // per shape, {M, N, K, plain, gated (-1: the plain winner's gate-taking sibling)}.
     // FLUX.1 1024x1024: 4096 image + 512 text tokens
-    {4608, 9216, 3072, kCfgCoop128x256Sk, -1},   // qkv
-    {4608, 12288, 3072, kCfgCoop128x256Sk, -1},  // mlp up
-    {4608, 3072, 12288, kCfgCoop128x256Sk, -1},  // mlp down
-    {4608, 3072, 15360, kCfgCoop128x256Sk, -1},  // single-block out
-    {4608, 3072, 3072, kCfgCoop128x256Sk, -1},   // attention out
+    {4608, 9216, 3072, 0, -1},    // qkv: 0.359 ms vs cuBLAS 0.325
+    {4608, 12288, 3072, 16, -1},  // mlp up: 0.492 vs 0.483
+    {4608, 3072, 12288, 16, 5},   // mlp down: 0.466 vs 0.453; gated 0.488 vs 0.516 (linear + add)
+    {4608, 3072, 15360, 16, 8},   // single-block out: 0.564 vs 0.580; gated 0.609 vs 0.636
+    {4608, 3072, 3072, 14, 14},   // attention out: 0.118 vs 0.112; gated 0.121 vs 0.170
     // SDXL 1024x1024, batch 2 (CFG)
-    {8192, 5120, 640, kCfgPingpong128x128C2, -1},    // 64x64 ff up
-    {2048, 10240, 1280, kCfgPingpong128x128C2, -1},  // 32x32 ff up
-    {2048, 1280, 5120, kCfgCoop128x128Sk, -1},       // 32x32 ff down
-    {8192, 640, 640, kCfgPingpong128x128C2, -1},     // 64x64 attention projections
-    {2048, 1280, 1280, kCfgCoop128x128Sk, -1},       // 32x32 attention projections
+    {8192, 5120, 640, 12, -1},    // 64x64 ff up: 0.089 vs 0.103
+    {2048, 10240, 1280, 13, -1},  // 32x32 ff up: 0.074 vs 0.074
+    {2048, 1280, 5120, 11, -1},   // 32x32 ff down: 0.047 vs 0.036
+    {8192, 640, 640, 12, -1},     // 64x64 attention projections: 0.019 vs 0.017
+    {2048, 1280, 1280, 16, -1},   // 32x32 attention projections: 0.020 vs 0.012
     // Wan2.2-TI2V-5B 704x1280x121
-    {27280, 14336, 3072, kCfgCoop128x256Sk, -1},  // ff up
-    {27280, 3072, 14336, kCfgCoop128x256Sk, -1},  // ff down
+    {27280, 14336, 3072, 14, -1},  // ff up: 3.652 vs 3.483
+    {27280, 3072, 14336, 16, -1},  // ff down: 3.522 vs 3.447
 };
 
 constexpr bool winners_valid() {

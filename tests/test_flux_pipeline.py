@@ -24,7 +24,13 @@ from fastdm.models.pipelines.flux import (
 )
 from fastdm.models.schedulers import flux_timesteps, scheduler_from_config
 from fastdm.runtime import dtypes
-from fastdm.runtime.errors import InvalidArgumentError, ModelLayoutError, NoGpuError, UnsupportedDtypeError
+from fastdm.runtime.errors import (
+    InvalidArgumentError,
+    ModelLayoutError,
+    NoGpuError,
+    SafetensorsError,
+    UnsupportedDtypeError,
+)
 from fastdm.runtime.tensor import Tensor
 from numerics import rel_l2
 from safetensors import safe_open
@@ -262,10 +268,14 @@ def _edit_index(root: Path, **changes) -> None:
 def test_not_a_folder(tmp_path):
     with pytest.raises(ModelLayoutError, match="does not exist"):
         Pipeline.from_pretrained(tmp_path / "nope", device="cpu")
-    f = tmp_path / "flux1-dev.safetensors"
+    f = tmp_path / "flux1-dev.ckpt"
     f.write_bytes(b"\0" * 16)
-    with pytest.raises(ModelLayoutError, match="is a file.*diffusers layout"):
+    with pytest.raises(ModelLayoutError, match="is a file, not a diffusers pipeline folder.*transformer=file"):
         Pipeline.from_pretrained(f, device="cpu")
+    f = tmp_path / "broken.safetensors"  # a single file goes to the single-file loader, which checks the header
+    f.write_bytes(b"\0" * 16)
+    with pytest.raises(SafetensorsError):
+        Pipeline.from_pretrained(f, device="cpu", tokenizer_folder=FIXTURES / "tiny-sdxl")
     with pytest.raises(ModelLayoutError, match="is the index file; pass the folder that holds it"):
         Pipeline.from_pretrained(TINY / "model_index.json", device="cpu")
 

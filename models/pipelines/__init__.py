@@ -34,8 +34,10 @@ def read_model_index(folder: str | Path) -> dict[str, Any]:
     if folder.name == MODEL_INDEX:
         raise ModelLayoutError(f"{folder} is the index file; pass the folder that holds it ({folder.parent})")
     if not folder.is_dir():
-        raise ModelLayoutError(f"{folder} is a file; fastdm loads diffusers pipeline folders (with model_index.json), "
-                               "single-file checkpoints are not supported yet: use the diffusers layout of the model")
+        raise ModelLayoutError(f"{folder} is a file, not a diffusers pipeline folder (with model_index.json). "
+                               "Single files: an SDXL .safetensors loads with Pipeline.from_pretrained(file, "
+                               "tokenizer_folder=...); a FLUX transformer file with "
+                               "Pipeline.from_pretrained(flux_folder, transformer=file)")
     path = folder / MODEL_INDEX
     if not path.is_file():
         hint = (" It looks like a single component (it has config.json): pass the pipeline folder above it."
@@ -160,9 +162,28 @@ class Pipeline:
         available), "cuda:N" or "cpu"; dtype: bfloat16 on a GPU, float32 on the CPU by default. `options` are the
         pipeline class's own (e.g. free_text_encoders=True for FLUX)."""
         start = time.perf_counter()
+        if Path(folder).is_file() and Path(folder).suffix == ".safetensors":
+            return cls._from_single_file(Path(folder), device, dtype, start, **options)
         target, index = cls._class_for(folder)
         dev = resolve_device(device)
         pipe = target._load(Path(folder), index, dev, resolve_dtype(dtype, dev), **options)
+        synchronize(dev)
+        pipe.timings.load_s = time.perf_counter() - start
+        return pipe
+
+    @classmethod
+    def _from_single_file(cls, path: Path, device: Any, dtype: Any, start: float,
+                          tokenizer_folder: str | Path | None = None) -> Pipeline:
+        """An SDXL pipeline from one Stability-layout file (sd_xl_base_1.0.safetensors); the tokenizers come from
+        `tokenizer_folder` or $FASTDM_SDXL_TOKENIZERS. A single FLUX file holds only the transformer: the SDXL
+        loader's error says to pass the FLUX folder with transformer=<file>."""
+        from ..convert.sdxl_single_file import build_pipeline
+
+        dev = resolve_device(device)
+        pipe = build_pipeline(path, dev, resolve_dtype(dtype, dev), tokenizer_folder=tokenizer_folder)
+        if not isinstance(pipe, cls):
+            raise ModelLayoutError(f"{path} holds an SDXL checkpoint, not a {cls.__name__}; load it with "
+                                   "fastdm.Pipeline.from_pretrained")
         synchronize(dev)
         pipe.timings.load_s = time.perf_counter() - start
         return pipe

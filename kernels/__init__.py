@@ -81,11 +81,14 @@ SIGNATURES: dict[str, list] = {
     # (x [N,H,W,C], w [K,R,S,C], bias|None, out [N,P,Q,K], N, H, W, C, K, R, S, stride_h, stride_w, pad_h, pad_w,
     #  dtype, stream); bf16/fp16, C and K multiples of 8
     "fdm_conv2d_nhwc": [P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, P],
-    # test/bench hooks: force a tile configuration (-1 = choose per problem; also forgets the last one);
-    # last_config (-1 = none ran since) and config_count return values, not statuses
+    # test/bench hooks: force a configuration (0 sm80 256x128, 1 sm80 128x128, 2 sm90; -1 = choose per problem;
+    # also forgets the last one); last_config (-1 = none ran since), config_count and config_available return
+    # values, not statuses
     "fdm_conv2d_nhwc_set_config": [I],
     "fdm_conv2d_nhwc_last_config": [],
     "fdm_conv2d_nhwc_config_count": [],
+    # 1 when a configuration can run on the current device (2 = sm90 needs cc 9.0 and an sm_90a build), else 0
+    "fdm_conv2d_nhwc_config_available": [I],
     # -- attention (attention.cu) --
     # (q, k, v, key_padding_mask|None, out, B, Sq, Sk, H, D, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh,
     #  mask_sb, scale, dtype, stream); strides in elements
@@ -99,6 +102,7 @@ SIGNATURES: dict[str, list] = {
 
 _lib: ctypes.CDLL | None = None
 _load_error: str | None = None
+_missing: dict[str, Path] = {}  # entry points the loaded library lacks -> its path
 
 
 def _candidates() -> list[Path]:
@@ -124,7 +128,11 @@ def library() -> ctypes.CDLL:
                     _load_error = f"could not load {path}: {e}"
                     break
                 for name, argtypes in SIGNATURES.items():
-                    fn = getattr(lib, name)
+                    try:
+                        fn = getattr(lib, name)
+                    except AttributeError:  # a library built from older sources: the rest still works
+                        _missing[name] = path
+                        continue
                     fn.argtypes = argtypes
                     fn.restype = I
                 lib.fdm_error_name.argtypes = [I]
@@ -153,6 +161,9 @@ def available() -> bool:
 def call(name: str, *args) -> None:
     """Call entry point `name` and raise CudaError if it reports a failure."""
     lib = library()
+    if name in _missing:
+        raise NoGpuError(f"{_missing[name]} has no {name}: the kernel library is older than this fastdm's Python code. "
+                         "Rebuild it (pip install . again, or cmake --build on your build folder).")
     status = getattr(lib, name)(*args)
     if status != 0:
         err = lib.fdm_error_name(status).decode()

@@ -50,6 +50,9 @@ SIGNATURES: dict[str, list] = {
     "fdm_group_norm": [P, P, P, P, P, I, I64, I64, I64, I, F, I, I, P],
     # rope.cu. (x, y, cos, sin, B, S, H, D, xs_b, xs_s, xs_h, ys_b, ys_s, ys_h, interleaved, dtype, stream)
     "fdm_rope": [P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, I, P],
+    # (qkv, q_w|None, k_w|None, cos, sin, out, B, S, H, D, xs_b, xs_s, xs_t, xs_h, ys_b, ys_s, ys_t, ys_h, eps,
+    #  copy_v, interleaved, dtype, stream); qkv, out: [B, S, 3, H, D]
+    "fdm_qk_norm_rope": [P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, F, I, I, I, P],
     # layout.cu. (src, dst, ndim, shape[ndim], src_strides[ndim], dst_strides[ndim], elem_size, stream)
     "fdm_copy_strided": [P, P, I, ctypes.POINTER(I64), ctypes.POINTER(I64), ctypes.POINTER(I64), I64, P],
     # (src, src_dtype, dst, dst_dtype, n, stream)

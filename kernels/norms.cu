@@ -3,8 +3,15 @@
 // Rows may be strided in two levels so a kernel can read e.g. the heads of a fused QKV buffer in place:
 // row r = o * inner + i (o < rows / inner, i < inner) starts at o * stride_o + i * stride_i; the last dim is
 // contiguous. A row is handled by a group of `width` threads: a power of two <= 32 (several rows per block) for
-// short rows, or the whole block for long ones. Rows are read from global memory once per pass (mean, variance,
-// output); the passes after the first hit L1/L2. Statistics are float32 two-pass (no E[x^2] - E[x]^2).
+// short rows, or the whole block for long ones. Statistics are float32 two-pass (no E[x^2] - E[x]^2).
+//
+// Two kernels per op. The register kernels (16-byte vector path, rows up to 4096 packs = 32768 bf16) load the whole
+// row into registers with every load issued up front, so a row is read from DRAM exactly once and each thread has
+// K * 16 bytes in flight; the statistics passes and the output pass then run on registers. K (packs per thread) is
+// a compile-time bucket in {1, 2, 4, 8}. The looped kernels take everything else (unaligned rows, odd sizes, very
+// long rows): they re-read the row per pass (the passes after the first hit L1/L2).
+#include <type_traits>
+
 #include "vec.cuh"
 
 namespace fdm {
@@ -14,7 +21,13 @@ struct RowLayout {
   int64_t rows, inner;  // total rows; rows per outer index
   int64_t xs_o, xs_i;   // input strides (elements)
   int64_t ys_o, ys_i;   // output strides (elements)
-  __device__ __forceinline__ int64_t outer(int64_t r) const { return r / inner; }
+  // 64-bit division is a long software sequence; most layouts need none or a 32-bit one.
+  __device__ __forceinline__ int64_t outer(int64_t r) const {
+    if (inner == 1) return r;
+    if (r <= INT32_MAX && inner <= INT32_MAX)
+      return static_cast<int64_t>(static_cast<uint32_t>(r) / static_cast<uint32_t>(inner));
+    return r / inner;
+  }
   __device__ __forceinline__ int64_t x_off(int64_t o, int64_t i) const { return o * xs_o + i * xs_i; }
   __device__ __forceinline__ int64_t y_off(int64_t o, int64_t i) const { return o * ys_o + i * ys_i; }
 };
@@ -192,6 +205,208 @@ softmax_kernel(const T* __restrict__ x, T* __restrict__ y, RowLayout L, int64_t 
   }
 }
 
+// ------------------------------------------------------------------------------------ register row kernels
+// Lane `lane` of a row's group holds packs j = lane + k * width (k < K) of the row's nvec packs: each k is one
+// coalesced sweep of width * 16 bytes.
+template <typename T, int V, int K>
+__device__ __forceinline__ void load_row(Pack<T, V> (&p)[K], const T* xr, bool valid, int lane, int width,
+                                         int nvec) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int j = lane + k * width;
+    if (valid && j < nvec) p[k] = load_pack_cs<T, V>(xr + static_cast<int64_t>(j) * V);
+  }
+}
+
+// Sum over this thread's packs of f(x).
+template <typename T, int V, int K, typename F>
+__device__ __forceinline__ float regs_accumulate(const Pack<T, V> (&p)[K], bool valid, int lane, int width, int nvec,
+                                                 F f) {
+  float acc = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (valid && lane + k * width < nvec) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc += f(to_f32(p[k].v[e]));
+    }
+  return acc;
+}
+
+// Block size cap of the register kernels: 512 threads leave up to 128 registers a thread (K = 8 with affine LN).
+constexpr int kRegMaxThreads = 512;
+
+template <typename T, int V, int K>
+__global__ void __launch_bounds__(kRegMaxThreads, 1)
+layer_norm_regs_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                       const T* __restrict__ shift, const T* __restrict__ scale, int64_t mod_sb, int64_t mod_ss,
+                       T* __restrict__ y, RowLayout L, int nvec, float eps, int width) {
+  __shared__ float smem[32];
+  const float inv_d = 1.f / static_cast<float>(nvec * V);
+  const int sub = threadIdx.x / width, lane = threadIdx.x - sub * width;
+  const int64_t rpb = blockDim.x / width;
+  // Every thread runs the same trip count (rows past the end compute nothing) so the reductions stay convergent.
+  for (int64_t base = int64_t(blockIdx.x) * rpb; base < L.rows; base += int64_t(gridDim.x) * rpb) {
+    const int64_t r = base + sub;
+    const bool valid = r < L.rows;
+    const int64_t o = valid ? L.outer(r) : 0, i = valid ? r - o * L.inner : 0;
+    Pack<T, V> p[K];
+    load_row<T, V, K>(p, x + L.x_off(o, i), valid, lane, width, nvec);
+    const float mean =
+        row_reduce<false>(regs_accumulate<T, V, K>(p, valid, lane, width, nvec, [](float v) { return v; }), width,
+                          smem) * inv_d;
+    const float var = row_reduce<false>(regs_accumulate<T, V, K>(p, valid, lane, width, nvec,
+                                                                 [mean](float v) { return (v - mean) * (v - mean); }),
+                                        width, smem) * inv_d;
+    const float rstd = rsqrtf(var + eps);
+    if (!valid) continue;
+    T* yr = y + L.y_off(o, i);
+    const T* sh = shift ? shift + o * mod_sb + i * mod_ss : nullptr;
+    const T* sc = scale ? scale + o * mod_sb + i * mod_ss : nullptr;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = lane + k * width;
+      if (j >= nvec) continue;
+      float v[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = (to_f32(p[k].v[e]) - mean) * rstd;
+      if (w) {
+        const Pack<T, V> pw = load_pack<T, V>(w + j * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] *= to_f32(pw.v[e]);
+      }
+      if (b) {
+        const Pack<T, V> pb = load_pack<T, V>(b + j * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] += to_f32(pb.v[e]);
+      }
+      if (sc) {
+        const Pack<T, V> ps = load_pack<T, V>(sc + j * V);
+        const Pack<T, V> ph = load_pack<T, V>(sh + j * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] = v[e] * (1.f + to_f32(ps.v[e])) + to_f32(ph.v[e]);
+      }
+      Pack<T, V> out;
+#pragma unroll
+      for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(v[e]);
+      store_pack_cs<T, V>(yr + j * V, out);
+    }
+  }
+}
+
+// Safe in place (y == x with the same layout): a row is fully in registers before any of it is written.
+template <typename T, int V, int K>
+__global__ void __launch_bounds__(kRegMaxThreads, 1)
+rms_norm_regs_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int nvec, float eps, int width) {
+  __shared__ float smem[32];
+  const float inv_d = 1.f / static_cast<float>(nvec * V);
+  const int sub = threadIdx.x / width, lane = threadIdx.x - sub * width;
+  const int64_t rpb = blockDim.x / width;
+  for (int64_t base = int64_t(blockIdx.x) * rpb; base < L.rows; base += int64_t(gridDim.x) * rpb) {
+    const int64_t r = base + sub;
+    const bool valid = r < L.rows;
+    const int64_t o = valid ? L.outer(r) : 0, i = valid ? r - o * L.inner : 0;
+    Pack<T, V> p[K];
+    load_row<T, V, K>(p, x + L.x_off(o, i), valid, lane, width, nvec);
+    const float ms = row_reduce<false>(
+        regs_accumulate<T, V, K>(p, valid, lane, width, nvec, [](float v) { return v * v; }), width, smem) * inv_d;
+    const float rstd = rsqrtf(ms + eps);
+    if (!valid) continue;
+    T* yr = y + L.y_off(o, i);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = lane + k * width;
+      if (j >= nvec) continue;
+      Pack<T, V> out;
+      if (w) {
+        const Pack<T, V> pw = load_pack<T, V>(w + j * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(to_f32(p[k].v[e]) * rstd * to_f32(pw.v[e]));
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(to_f32(p[k].v[e]) * rstd);
+      }
+      store_pack_cs<T, V>(yr + j * V, out);
+    }
+  }
+}
+
+template <typename T, int V, int K>
+__global__ void __launch_bounds__(kRegMaxThreads, 1)
+softmax_regs_kernel(const T* __restrict__ x, T* __restrict__ y, RowLayout L, int nvec, int width) {
+  __shared__ float smem[32];
+  const int sub = threadIdx.x / width, lane = threadIdx.x - sub * width;
+  const int64_t rpb = blockDim.x / width;
+  for (int64_t base = int64_t(blockIdx.x) * rpb; base < L.rows; base += int64_t(gridDim.x) * rpb) {
+    const int64_t r = base + sub;
+    const bool valid = r < L.rows;
+    const int64_t o = valid ? L.outer(r) : 0, i = valid ? r - o * L.inner : 0;
+    Pack<T, V> p[K];
+    load_row<T, V, K>(p, x + L.x_off(o, i), valid, lane, width, nvec);
+    float m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (valid && lane + k * width < nvec) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) m = fmaxf(m, to_f32(p[k].v[e]));
+      }
+    m = row_reduce<true>(m, width, smem);
+    const float sum = row_reduce<false>(
+        regs_accumulate<T, V, K>(p, valid, lane, width, nvec, [m](float v) { return expf(v - m); }), width, smem);
+    const float inv = 1.f / sum;
+    if (!valid) continue;
+    T* yr = y + L.y_off(o, i);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = lane + k * width;
+      if (j >= nvec) continue;
+      Pack<T, V> out;
+#pragma unroll
+      for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(expf(to_f32(p[k].v[e]) - m) * inv);
+      store_pack_cs<T, V>(yr + j * V, out);
+    }
+  }
+}
+
+// Launch shape of the register kernels; k == 0 when the row is too long for them.
+struct RegPlan {
+  int k = 0, width = 0, threads = 0;
+  unsigned blocks = 0;
+};
+
+// Blocks below which a launch of small blocks leaves SMs idle (132 SMs on H100/H200, 2 blocks each).
+constexpr int64_t kFillBlocks = 264;
+
+RegPlan reg_plan(int64_t rows, int64_t nvec) {
+  RegPlan p;
+  if (nvec <= 256) {  // a group of <= 32 lanes per row, several rows per block
+    int w = 1;
+    while (w < 32 && w * 4 < nvec) w <<= 1;  // the narrowest group with at most 4 packs per lane (8 at width 32)
+    const int64_t per = ceil_div(nvec, w);
+    p.k = per <= 1 ? 1 : per <= 2 ? 2 : per <= 4 ? 4 : 8;
+    p.width = w;
+    int t = 256;
+    while (t > 64 && ceil_div(rows, t / w) < kFillBlocks) t >>= 1;  // small problems: more, smaller blocks
+    p.threads = t;
+    p.blocks = grid_blocks(rows, t / w);
+  } else if (nvec <= int64_t{8} * kRegMaxThreads) {  // a block per row
+    p.k = nvec <= int64_t{4} * kRegMaxThreads ? 4 : 8;
+    p.threads = p.width = static_cast<int>(ceil_div(ceil_div(nvec, p.k), 32) * 32);
+    p.blocks = grid_blocks(rows, 1);
+  }
+  return p;
+}
+
+// Calls f(std::integral_constant<int, K>) for the plan's K, so each branch launches a compile-time bucket.
+template <typename F>
+void with_k(int k, F&& f) {
+  switch (k) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 int check_layout(const char* fn, const RowLayout& L, int64_t d) {
   if (L.rows < 0 || d < 0) return arg_error("%s: negative size (rows=%lld, d=%lld)", fn, (long long)L.rows,
                                             (long long)d);
@@ -204,78 +419,154 @@ int check_layout(const char* fn, const RowLayout& L, int64_t d) {
 
 // ------------------------------------------------------------------------------------------------ GroupNorm
 // x: [N, C, HW] contiguous, groups of Cg = C / G channels: group n*G + g is the contiguous run of L = Cg * HW
-// elements at (n*G + g) * L. Each group is cut into `chunks` pieces of `chunk` elements (a multiple of 8).
-// Pass 1 writes (mean, M2) of each piece to ws [N*G, chunks, 2]; pass 2 merges them (Chan et al.) and normalizes.
+// elements at (n*G + g) * L. Each group is cut into `chunks` pieces of `chunk` elements (a multiple of 8), one block
+// each. Pass 1 writes the (mean, M2) of each piece to ws [N*G, chunks, 2]; pass 2 merges a group's pieces (Chan et
+// al.) and normalizes (+ SiLU) its own piece. x is read twice (once per pass) and y written once; pass 2 walks the
+// pieces in reverse launch order, so it starts on the ones pass 1 read last, which are the likeliest still in L2.
+// A block moves a piece as tiles of 256 threads x 8 packs, every load of a tile issued before its math.
+constexpr int kGnThreads = 256, kGnPacks = 8;
+
+// Count, mean and sum of squared deviations of a set of values; merge() combines two disjoint sets exactly.
+struct Moments {
+  float n, mean, m2;
+};
+
+__device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
+  const float n = a.n + b.n;
+  if (b.n == 0.f) return a;
+  if (a.n == 0.f) return b;
+  const float d = b.mean - a.mean, fb = b.n / n;
+  return {n, fmaf(d, fb, a.mean), a.m2 + b.m2 + d * d * a.n * fb};
+}
+
+__device__ __forceinline__ Moments warp_merge(Moments m) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const Moments other{__shfl_xor_sync(0xffffffffu, m.n, o), __shfl_xor_sync(0xffffffffu, m.mean, o),
+                        __shfl_xor_sync(0xffffffffu, m.m2, o)};
+    m = merge(m, other);
+  }
+  // Lanes may differ in the last bits (merge order); take lane 0's so the whole warp agrees.
+  return {__shfl_sync(0xffffffffu, m.n, 0), __shfl_sync(0xffffffffu, m.mean, 0), __shfl_sync(0xffffffffu, m.m2, 0)};
+}
+
+// Elements in piece k of a group: `chunk`, less for the last piece, 0 past the end.
+__device__ __forceinline__ int64_t piece_len(int64_t L, int64_t chunk, int64_t k) {
+  const int64_t c0 = k * chunk;
+  return c0 >= L ? 0 : (L - c0 < chunk ? L - c0 : chunk);
+}
+
 template <typename T, int V>
-__global__ void __launch_bounds__(512, 1)
+__global__ void __launch_bounds__(kGnThreads, 1)
 group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ ws, int64_t L, int64_t chunk, int chunks) {
-  __shared__ float smem[32];
-  const int64_t ng = blockIdx.y, c0 = int64_t(blockIdx.x) * chunk;
-  const int64_t n = c0 < L ? (L - c0 < chunk ? L - c0 : chunk) : 0;
-  const T* xc = x + ng * L + c0;
-  const int width = blockDim.x;
-  const int64_t nvec = n / V;
-  const float mean = row_reduce<false>(
-      row_accumulate<T, V>(xc, true, nvec, threadIdx.x, width, [](float v) { return v; }), width, smem) /
-      static_cast<float>(n > 0 ? n : 1);
-  const float m2 = row_reduce<false>(
-      row_accumulate<T, V>(xc, true, nvec, threadIdx.x, width, [mean](float v) { return (v - mean) * (v - mean); }),
-      width, smem);
-  if (threadIdx.x == 0) {
-    ws[(ng * chunks + blockIdx.x) * 2] = mean;
-    ws[(ng * chunks + blockIdx.x) * 2 + 1] = m2;
+  __shared__ Moments part[kGnThreads / 32];
+  const int64_t ng = blockIdx.y;
+  const int64_t n = piece_len(L, chunk, blockIdx.x);
+  const T* xc = x + ng * L + int64_t(blockIdx.x) * chunk;
+  const int64_t nvec = n / V;  // V divides L and chunk on the vector path
+  Moments acc{0.f, 0.f, 0.f};
+  for (int64_t t0 = 0; t0 < nvec; t0 += kGnThreads * kGnPacks) {
+    Pack<T, V> p[kGnPacks];
+#pragma unroll
+    for (int k = 0; k < kGnPacks; ++k) {
+      const int64_t j = t0 + threadIdx.x + k * kGnThreads;
+      if (j < nvec) p[k] = load_pack<T, V>(xc + j * V);  // pass 2 reads x again: keep it in L2
+    }
+    // Exact two-pass moments of this thread's values of the tile (they are in registers), merged into acc.
+    float s = 0.f, cnt = 0.f;
+#pragma unroll
+    for (int k = 0; k < kGnPacks; ++k)
+      if (t0 + threadIdx.x + k * kGnThreads < nvec) {
+        cnt += V;
+#pragma unroll
+        for (int e = 0; e < V; ++e) s += to_f32(p[k].v[e]);
+      }
+    if (cnt > 0.f) {
+      const float mean = s / cnt;
+      float m2 = 0.f;
+#pragma unroll
+      for (int k = 0; k < kGnPacks; ++k)
+        if (t0 + threadIdx.x + k * kGnThreads < nvec) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            const float c = to_f32(p[k].v[e]) - mean;
+            m2 = fmaf(c, c, m2);
+          }
+        }
+      acc = merge(acc, Moments{cnt, mean, m2});
+    }
+  }
+  acc = warp_merge(acc);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) part[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    Moments m = lane < kGnThreads / 32 ? part[lane] : Moments{0.f, 0.f, 0.f};
+    m = warp_merge(m);
+    if (lane == 0) {
+      ws[(ng * chunks + blockIdx.x) * 2] = m.mean;
+      ws[(ng * chunks + blockIdx.x) * 2 + 1] = m.m2;
+    }
   }
 }
 
-template <typename T, int V, bool kSilu>
-__global__ void __launch_bounds__(512, 1)
+// I: the type of the in-group position math (uint32_t when the group fits, int64_t otherwise).
+template <typename T, int V, bool kSilu, typename I>
+__global__ void __launch_bounds__(kGnThreads, 1)
 group_norm_apply_kernel(const T* __restrict__ x, const float* __restrict__ ws, const T* __restrict__ w,
                         const T* __restrict__ b, T* __restrict__ y, int64_t L, int64_t HW, int64_t Cg, int G,
                         int64_t chunk, int chunks, float eps) {
-  __shared__ float smem[32];
-  const int64_t ng = blockIdx.y;
-  const float* st = ws + ng * chunks * 2;
-  // Merge the pieces' statistics: mean = sum(n_k m_k) / L, M2 = sum(M2_k + n_k (m_k - mean)^2).
-  float acc = 0.f;
-  for (int k = threadIdx.x; k < chunks; k += blockDim.x) {
-    const int64_t c0 = int64_t(k) * chunk;
-    const float nk = c0 < L ? static_cast<float>(L - c0 < chunk ? L - c0 : chunk) : 0.f;
-    acc += nk * st[2 * k];
-  }
-  const float mean = row_reduce<false>(acc, blockDim.x, smem) / static_cast<float>(L);
-  acc = 0.f;
-  for (int k = threadIdx.x; k < chunks; k += blockDim.x) {
-    const int64_t c0 = int64_t(k) * chunk;
-    const float nk = c0 < L ? static_cast<float>(L - c0 < chunk ? L - c0 : chunk) : 0.f;
-    const float dm = st[2 * k] - mean;
-    acc += nk > 0.f ? st[2 * k + 1] + nk * dm * dm : 0.f;
-  }
-  const float var = row_reduce<false>(acc, blockDim.x, smem) / static_cast<float>(L);
-  const float rstd = rsqrtf(var + eps);
-
-  const int64_t c0 = int64_t(blockIdx.x) * chunk;
-  if (c0 >= L) return;
-  const int64_t n = L - c0 < chunk ? L - c0 : chunk;
-  const int64_t ch0 = (ng % G) * Cg;  // first channel of the group
+  const int64_t ng = gridDim.y - 1 - blockIdx.y, piece = gridDim.x - 1 - blockIdx.x;
+  const int64_t n = piece_len(L, chunk, piece);
+  if (n == 0) return;  // uniform over the block
+  const int64_t c0 = piece * chunk, nvec = n / V;
   const T* xc = x + ng * L + c0;
   T* yc = y + ng * L + c0;
-  const bool small = L <= INT32_MAX;
-  for (int64_t j = int64_t(threadIdx.x) * V; j < n; j += int64_t(blockDim.x) * V) {
-    const int64_t pos = c0 + j;
-    const int64_t ch = ch0 + (small ? static_cast<int64_t>(static_cast<uint32_t>(pos) / static_cast<uint32_t>(HW))
-                                    : pos / HW);
-    // V divides HW on the vector path, so a pack never straddles two channels.
-    const float a = rstd * (w ? to_f32(w[ch]) : 1.f);
-    const float c = (b ? to_f32(b[ch]) : 0.f) - mean * a;
-    const Pack<T, V> p = load_pack<T, V>(xc + j);
-    Pack<T, V> out;
+
+  // The first tile's loads go out before the statistics are merged, so their latencies overlap.
+  Pack<T, V> p[kGnPacks];
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      float v = to_f32(p.v[k]) * a + c;
-      if (kSilu) v = silu(v);
-      out.v[k] = from_f32<T>(v);
+  for (int k = 0; k < kGnPacks; ++k) {
+    const int64_t j = threadIdx.x + k * kGnThreads;
+    if (j < nvec) p[k] = load_pack_cs<T, V>(xc + j * V);
+  }
+
+  // Every warp merges the group's pieces itself (a few dozen float pairs from L2): no shared memory, no barrier.
+  const float* st = ws + ng * chunks * 2;
+  Moments m{0.f, 0.f, 0.f};
+  for (int k = threadIdx.x & 31; k < chunks; k += 32) {
+    const float nk = static_cast<float>(piece_len(L, chunk, k));
+    if (nk > 0.f) m = merge(m, Moments{nk, st[2 * k], st[2 * k + 1]});
+  }
+  m = warp_merge(m);
+  const float mean = m.mean, rstd = rsqrtf(m.m2 / static_cast<float>(L) + eps);
+
+  const int64_t ch0 = (ng % G) * Cg;  // first channel of the group
+  const I hw = static_cast<I>(HW);
+  for (int64_t t0 = 0;;) {
+#pragma unroll
+    for (int k = 0; k < kGnPacks; ++k) {
+      const int64_t j = t0 + threadIdx.x + k * kGnThreads;
+      if (j >= nvec) continue;
+      const int64_t ch = ch0 + static_cast<int64_t>(static_cast<I>(c0 + j * V) / hw);
+      // V divides HW on the vector path, so a pack never straddles two channels.
+      const float a = rstd * (w ? to_f32(w[ch]) : 1.f);
+      const float c = (b ? to_f32(b[ch]) : 0.f) - mean * a;
+      Pack<T, V> out;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        float v = fmaf(to_f32(p[k].v[e]), a, c);
+        if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
+        out.v[e] = from_f32<T>(v);
+      }
+      store_pack_cs<T, V>(yc + j * V, out);
     }
-    store_pack<T, V>(yc + j, out);
+    t0 += kGnThreads * kGnPacks;
+    if (t0 >= nvec) break;
+#pragma unroll
+    for (int k = 0; k < kGnPacks; ++k) {
+      const int64_t j = t0 + threadIdx.x + k * kGnThreads;
+      if (j < nvec) p[k] = load_pack_cs<T, V>(xc + j * V);
+    }
   }
 }
 
@@ -285,20 +576,24 @@ int launch_group_norm(const void* x, const void* w, const void* b, void* y, floa
   const int64_t Cg = C / G, L = Cg * HW;
   const int64_t chunk = ceil_div(ceil_div(L, chunks), 8) * 8;
   const dim3 grid(chunks, static_cast<unsigned>(N * G));
-  const int64_t nvec = ceil_div(chunk, V);
-  int threads = static_cast<int>(ceil_div(ceil_div(nvec, 4), 32) * 32);
-  threads = threads < 64 ? 64 : (threads > 512 ? 512 : threads);
   const T* xt = static_cast<const T*>(x);
-  group_norm_stats_kernel<T, V><<<grid, threads, 0, s>>>(xt, ws, L, chunk, chunks);
+  group_norm_stats_kernel<T, V><<<grid, kGnThreads, 0, s>>>(xt, ws, L, chunk, chunks);
   const T* wt = static_cast<const T*>(w);
   const T* bt = static_cast<const T*>(b);
   T* yt = static_cast<T*>(y);
-  if (silu_act)
-    group_norm_apply_kernel<T, V, true><<<grid, threads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G, chunk, chunks,
-                                                                 eps);
+  const bool small = L <= INT32_MAX;
+  if (silu_act && small)
+    group_norm_apply_kernel<T, V, true, uint32_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G, chunk,
+                                                                               chunks, eps);
+  else if (silu_act)
+    group_norm_apply_kernel<T, V, true, int64_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G, chunk,
+                                                                              chunks, eps);
+  else if (small)
+    group_norm_apply_kernel<T, V, false, uint32_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G,
+                                                                                chunk, chunks, eps);
   else
-    group_norm_apply_kernel<T, V, false><<<grid, threads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G, chunk, chunks,
-                                                                  eps);
+    group_norm_apply_kernel<T, V, false, int64_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G,
+                                                                               chunk, chunks, eps);
   return launch_status();
 }
 
@@ -326,7 +621,13 @@ FDM_API int fdm_layer_norm(const void* x, const void* w, const void* b, void* y,
     auto xt = static_cast<const T*>(x);
     auto wt = static_cast<const T*>(w);
     auto bt = static_cast<const T*>(b);
-    if (vec)
+    const RegPlan rp = vec ? reg_plan(rows, d / V) : RegPlan{};
+    if (rp.k) {
+      with_k(rp.k, [&](auto kc) {
+        layer_norm_regs_kernel<T, V, decltype(kc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
+            xt, wt, bt, nullptr, nullptr, 0, 0, static_cast<T*>(y), L, static_cast<int>(d / V), eps, rp.width);
+      });
+    } else if (vec)
       layer_norm_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(xt, wt, bt, nullptr, nullptr, 0, 0,
                                                                   static_cast<T*>(y), L, d, eps, l.width);
     else
@@ -356,7 +657,14 @@ FDM_API int fdm_layer_norm_modulate(const void* x, const void* shift, const void
     auto xt = static_cast<const T*>(x);
     auto sh = static_cast<const T*>(shift);
     auto sc = static_cast<const T*>(scale);
-    if (vec)
+    const RegPlan rp = vec ? reg_plan(rows, d / V) : RegPlan{};
+    if (rp.k) {
+      with_k(rp.k, [&](auto kc) {
+        layer_norm_regs_kernel<T, V, decltype(kc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
+            xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss, static_cast<T*>(y), L, static_cast<int>(d / V), eps,
+            rp.width);
+      });
+    } else if (vec)
       layer_norm_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss,
                                                                   static_cast<T*>(y), L, d, eps, l.width);
     else
@@ -381,7 +689,13 @@ FDM_API int fdm_rms_norm(const void* x, const void* w, void* y, int64_t rows, in
     const RowLaunch l = row_launch(rows, d, vec ? V : 1);
     auto xt = static_cast<const T*>(x);
     auto wt = static_cast<const T*>(w);
-    if (vec)
+    const RegPlan rp = vec ? reg_plan(rows, d / V) : RegPlan{};
+    if (rp.k) {
+      with_k(rp.k, [&](auto kc) {
+        rms_norm_regs_kernel<T, V, decltype(kc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
+            xt, wt, static_cast<T*>(y), L, static_cast<int>(d / V), eps, rp.width);
+      });
+    } else if (vec)
       rms_norm_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(xt, wt, static_cast<T*>(y), L, d, eps, l.width);
     else
       rms_norm_kernel<T, 1><<<l.blocks, l.threads, 0, stream>>>(xt, wt, static_cast<T*>(y), L, d, eps, l.width);
@@ -401,7 +715,13 @@ FDM_API int fdm_softmax(const void* x, void* y, int64_t rows, int64_t inner, int
     constexpr int V = vec16<T>();
     const bool vec = layout_aligned(L, d, V) && aligned16(x) && aligned16(y);
     const RowLaunch l = row_launch(rows, d, vec ? V : 1);
-    if (vec)
+    const RegPlan rp = vec ? reg_plan(rows, d / V) : RegPlan{};
+    if (rp.k) {
+      with_k(rp.k, [&](auto kc) {
+        softmax_regs_kernel<T, V, decltype(kc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
+            static_cast<const T*>(x), static_cast<T*>(y), L, static_cast<int>(d / V), rp.width);
+      });
+    } else if (vec)
       softmax_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), L, d,
                                                                l.width);
     else

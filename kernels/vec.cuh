@@ -1,6 +1,8 @@
 // Helpers shared by the hand-written kernels (elementwise.cu, norms.cu, rope.cu, layout.cu): packed vector
 // loads/stores, warp and block reductions, activation functions, grid sizing.
 #pragma once
+#include <cstring>
+
 #include "common.cuh"
 
 namespace fdm {
@@ -19,6 +21,32 @@ __device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
 template <typename T, int N>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
   *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+// Streaming ("evict first", ld/st.global.cs) accesses for data a kernel touches exactly once, so it does not push
+// reused data (weights, modulation vectors, angles, the output the next kernel reads) out of L2. Only 16-byte packs
+// get the hint; other sizes (the scalar fallbacks) are plain accesses.
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack_cs(const T* p) {
+  if constexpr (sizeof(Pack<T, N>) == 16) {
+    const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+    Pack<T, N> v;
+    memcpy(&v, &u, 16);
+    return v;
+  } else {
+    return load_pack<T, N>(p);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack_cs(T* p, const Pack<T, N>& v) {
+  if constexpr (sizeof(Pack<T, N>) == 16) {
+    uint4 u;
+    memcpy(&u, &v, 16);
+    __stcs(reinterpret_cast<uint4*>(p), u);
+  } else {
+    store_pack<T, N>(p, v);
+  }
 }
 
 // Elements per 16-byte vector.
@@ -60,6 +88,53 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 __device__ __forceinline__ float quick_gelu(float x) { return x / (1.f + expf(-1.702f * x)); }
+
+// Fast forms for 16-bit storage, where one ulp is 4e-3 (bf16) or 5e-4 (fp16): at most ~5e-6 relative error for
+// |x| <= 6, far below the rounding of the result, at under half the instructions. That matters: with erfcf GEGLU
+// issues ~60 instructions per element and is compute-bound below the memory ceiling on H100/H200. The hardware
+// exp2 and reciprocal are used in their flush-to-zero forms (no denormal fix-up code; results below 1e-38 become 0).
+// Sigmoid forms (0.5 (1 + tanh u) == 1 / (1 + exp(-2u))) have no cancellation for negative x; exp overflowing to
+// inf gives 0.
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rcp_ftz(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+constexpr float kLog2e = 1.4426950408889634f;
+
+// erfc(z) = t exp(-z^2 + P(t)) with t = 1 / (1 + |z|/2), P a degree-9 polynomial least-squares fitted here
+// (Chebyshev nodes, Lawson-weighted toward minimax) to ln(erfc(z)) + z^2 - ln(t) over t in (0, 1]: max error
+// 1e-7 in the exponent. No cancellation for z > 0 (the tail GELU needs for negative x).
+__device__ __forceinline__ float erfc_fast(float z) {
+  const float a = fabsf(z);
+  const float t = rcp_ftz(fmaf(0.5f, a, 1.f));
+  float p = 1.687605989e-01f;
+  p = fmaf(p, t, -8.133246816e-01f);
+  p = fmaf(p, t, 1.473255085e+00f);
+  p = fmaf(p, t, -1.121100709e+00f);
+  p = fmaf(p, t, 2.713525672e-01f);
+  p = fmaf(p, t, -1.839666376e-01f);
+  p = fmaf(p, t, 9.638823730e-02f);
+  p = fmaf(p, t, 3.741250275e-01f);
+  p = fmaf(p, t, 1.000022650e+00f);
+  p = fmaf(p, t, -1.265512220e+00f);
+  const float e = t * ex2_ftz(fmaf(-a, a, p) * kLog2e);
+  return z >= 0.f ? e : 2.f - e;
+}
+__device__ __forceinline__ float gelu_erf_fast(float x) { return 0.5f * x * erfc_fast(-x * 0.70710678118654752f); }
+__device__ __forceinline__ float sigmoid_mul_fast(float x, float z) {  // x * sigmoid(z)
+  return x * rcp_ftz(1.f + ex2_ftz(-z * kLog2e));
+}
+__device__ __forceinline__ float gelu_tanh_fast(float x) {
+  return sigmoid_mul_fast(x, 1.5957691216057308f * (x + 0.044715f * x * x * x));  // 2 sqrt(2/pi) (x + ...)
+}
+__device__ __forceinline__ float silu_fast(float x) { return sigmoid_mul_fast(x, x); }
+__device__ __forceinline__ float quick_gelu_fast(float x) { return sigmoid_mul_fast(x, 1.702f * x); }
 
 // Blocks for a grid-stride loop over `n` items with `threads` threads each: enough to fill any GPU, never more
 // than the grid limit.

@@ -56,6 +56,8 @@ def cases(rng, dtype):
          {"weight": r(6), "bias": r(6), "num_groups": 3, "eps": 1e-6, "activation": "silu"}),
         ("rope", (r(1, 5, 2, 8), np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)),
          {"interleaved": False}),
+        ("qk_norm_rope", (r(1, 5, 3, 2, 8), r(8), r(8), np.cos(theta).astype(np.float32),
+                          np.sin(theta).astype(np.float32)), {"eps": 1e-6, "interleaved": True}),
         ("timestep_embedding", (rng.uniform(0, 1000, 3).astype(np.float32),),
          {"dim": 33, "flip_sin_to_cos": True, "downscale_freq_shift": 0.0, "scale": 1.0, "max_period": 10000.0}),
         ("gelu", (r(3, 17),), {"approximate": "none"}),
@@ -100,10 +102,16 @@ def test_cpu_tensors_give_ops_cpu_results(rng, dtype):
     for name, args, kwargs in cases(rng, dtype):
         want = getattr(cpu, name)(*args, **kwargs)
         got = getattr(ops, name)(*[wrap(a) for a in args], **{k: wrap(v) for k, v in kwargs.items()})
-        assert isinstance(got, Tensor), name
-        assert str(got.device) == "cpu" and not got.is_cuda, name
-        assert got.shape == want.shape and got.dtype.np == want.dtype, (name, got.shape, got.dtype)
-        assert np.array_equal(got.numpy(), want, equal_nan=True), name
+        if isinstance(want, tuple):  # qk_norm_rope: (q, k, v)
+            assert isinstance(got, tuple) and len(got) == len(want), name
+            pairs = list(zip(got, want, strict=True))
+        else:
+            pairs = [(got, want)]
+        for g, w in pairs:
+            assert isinstance(g, Tensor), name
+            assert str(g.device) == "cpu" and not g.is_cuda, name
+            assert g.shape == w.shape and g.dtype.np == w.dtype, (name, g.shape, g.dtype)
+            assert np.array_equal(g.numpy(), w, equal_nan=True), name
 
 
 def test_result_dtypes_follow_the_contract(rng):

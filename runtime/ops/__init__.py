@@ -124,6 +124,20 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = True) -> Tenso
     return _dispatch("rope", x, cos, sin, interleaved=interleaved)
 
 
+def qk_norm_rope(qkv: Tensor, q_weight: Tensor | None, k_weight: Tensor | None, cos: Tensor, sin: Tensor,
+                 eps: float = 1e-6, interleaved: bool = True,
+                 out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention preamble of FLUX-style blocks in one pass over the fused QKV projection output:
+    q = rope(rms_norm(qkv[:, :, 0], q_weight, eps), cos, sin, interleaved), k likewise with k_weight, v as is.
+    qkv: [B, S, 3, H, D] (contiguous last dim); q_weight, k_weight: [D] or None; cos, sin: [S, D/2] float32.
+    Returns (q, k, v), each [B, S, H, D], views of one [B, S, 3, H, D] buffer: `out` when given (qkv itself to
+    work in place, or e.g. a token range of a larger buffer), else a new tensor. The normalized values are not
+    rounded to the storage dtype before the rotation."""
+    q, k, v = _dispatch("qk_norm_rope", qkv, q_weight, k_weight, cos, sin, eps=eps, interleaved=interleaved,
+                        out=out)
+    return q, k, v
+
+
 def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = False, downscale_freq_shift: float = 1.0,
                        scale: float = 1.0, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of t: [B] -> [B, dim], float32, as diffusers' get_timestep_embedding."""

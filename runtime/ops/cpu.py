@@ -410,6 +410,29 @@ def rope(x, cos, sin, interleaved: bool = True) -> np.ndarray:
     return out
 
 
+def qk_norm_rope(qkv, q_weight, k_weight, cos, sin, eps: float = 1e-6, interleaved: bool = True,
+                 out=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q = rope(rms_norm(qkv[:, :, 0], q_weight, eps), cos, sin), k likewise with k_weight, v = qkv[:, :, 2].
+    qkv: [B, S, 3, H, D]. Returns (q, k, v) [B, S, H, D], views of one [B, S, 3, H, D] float32 array, or of `out`
+    (any float array of qkv's shape; qkv itself works in place) when given."""
+    x = _float(qkv, "ops.qk_norm_rope: qkv")
+    _check(x.ndim == 5 and x.shape[2] == 3, f"ops.qk_norm_rope: qkv must be [B, S, 3, H, D], got {x.shape}")
+    q = rope(rms_norm(x[:, :, 0], q_weight, eps), cos, sin, interleaved)
+    k = rope(rms_norm(x[:, :, 1], k_weight, eps), cos, sin, interleaved)
+    if out is None:
+        out = np.empty(x.shape, dtype=f32)
+    else:
+        _check(isinstance(out, np.ndarray) and _is_float(out.dtype) and out.shape == x.shape,
+               f"ops.qk_norm_rope: out must be a float array of shape {x.shape}, got "
+               f"{getattr(out, 'shape', type(out))}")
+        if not out.flags.writeable:
+            raise InvalidArgumentError("ops.qk_norm_rope: out is read-only; pass a writable array")
+    out[:, :, 2] = x[:, :, 2]
+    out[:, :, 0] = q
+    out[:, :, 1] = k
+    return out[:, :, 0], out[:, :, 1], out[:, :, 2]
+
+
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = False, downscale_freq_shift: float = 1.0,
                        scale: float = 1.0, max_period: float = 10000.0) -> np.ndarray:
     """Sinusoidal embedding of t: [B] -> [B, dim] float32, as diffusers' get_timestep_embedding.

@@ -1,5 +1,5 @@
-"""ops.cuda norms and RoPE: layer_norm, layer_norm_modulate, rms_norm, group_norm, rope (kernels/norms.cu,
-kernels/rope.cu). float32 statistics; outputs in the input's dtype."""
+"""ops.cuda norms and RoPE: layer_norm, layer_norm_modulate, rms_norm, group_norm, rope, qk_norm_rope
+(kernels/norms.cu, kernels/rope.cu). float32 statistics; outputs in the input's dtype."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from ._common import (
     stream,
 )
 
-_GROUP_CHUNK = 16384  # elements per GroupNorm statistics piece (about 16K keeps every SM busy on big images)
+# Bytes of x per GroupNorm piece (one block of each GroupNorm kernel): 32 KiB is one tile of 256 threads x 8 packs
+# of 16 bytes, and pieces this small keep every SM busy on big images.
+_GROUP_CHUNK_BYTES = 32768
 _MAX_GRID_Y = 65535
 
 
@@ -141,7 +143,8 @@ def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     if x.numel == 0:
         return y
     group_len = (c // num_groups) * hw
-    chunks = min(max(-(-group_len // _GROUP_CHUNK), 1), _MAX_GRID_Y)
+    chunk = _GROUP_CHUNK_BYTES // x.itemsize
+    chunks = min(max(-(-group_len // chunk), 1), _MAX_GRID_Y)
     ws = empty((n * num_groups * chunks * 2,), dtypes.float32, device)
     call("fdm_group_norm", x.data_ptr, weight.data_ptr if weight is not None else None,
          bias.data_ptr if bias is not None else None, y.data_ptr, ws.data_ptr, chunks, n, c, hw, num_groups,
@@ -183,3 +186,51 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = True, out: Ten
     call("fdm_rope", x.data_ptr, out.data_ptr, cos.data_ptr, sin.data_ptr, b, s, h, d, *st(x), *st(out),
          int(bool(interleaved)), x.dtype.code, stream(device))
     return out
+
+
+def _qkv_strides(t: Tensor) -> list[int]:
+    """Element strides of [B, S, 3, H, D] over B, S, the q/k/v dim and H; 0 for size-1 dims (never stepped, and 0
+    keeps the kernel's alignment checks simple)."""
+    return [0 if n == 1 else v for n, v in zip(t.shape[:4], t.strides[:4], strict=True)]
+
+
+def qk_norm_rope(qkv: Tensor, q_weight: Tensor | None, k_weight: Tensor | None, cos: Tensor, sin: Tensor,
+                 eps: float = 1e-6, interleaved: bool = True,
+                 out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """RMSNorm over D of q and k (weights q_weight, k_weight [D], or None) then RoPE (cos, sin float32 [S, D/2]),
+    v copied, in one kernel. qkv: [B, S, 3, H, D] with a contiguous last dim (e.g. the fused QKV projection output
+    viewed as such). Returns q, k, v: [B, S, H, D] views of `out`, a new contiguous [B, S, 3, H, D] tensor unless
+    given: out may be qkv itself (in place; v is then not touched) or a strided view with a contiguous last dim, e.g.
+    a token range of a larger buffer (so two streams can be written side by side without a concat)."""
+    device = gpu_device("qk_norm_rope", qkv, q_weight, k_weight, cos, sin, out)
+    check_float("qk_norm_rope", qkv, "qkv")
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ShapeError(f"ops.qk_norm_rope: qkv must be [B, S, 3, H, D], got {qkv.shape}")
+    b, s, _, h, d = qkv.shape
+    if d % 2:
+        raise ShapeError(f"ops.qk_norm_rope: head dim D must be even, got {d}")
+    q_weight = _vector("qk_norm_rope", q_weight, d, qkv, "q_weight")
+    k_weight = _vector("qk_norm_rope", k_weight, d, qkv, "k_weight")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != dtypes.float32:
+            raise UnsupportedDtypeError(f"ops.qk_norm_rope: {name} must be float32 (the angles need its precision), "
+                                        f"got {t.dtype.name}; build it in float32")
+        if t.shape != (s, d // 2):
+            raise ShapeError(f"ops.qk_norm_rope: {name} must be [S, D/2] = {(s, d // 2)} for qkv {qkv.shape}, got "
+                             f"{t.shape}")
+    cos, sin = contig(cos), contig(sin)
+    if d > 1 and qkv.strides[4] != 1:
+        qkv = contig(qkv)
+    if out is None:
+        out = empty_like(qkv)
+    else:
+        _check_out("qk_norm_rope", out, qkv)
+        if d > 1 and out.strides[4] != 1:
+            raise ShapeError(f"ops.qk_norm_rope: out needs a contiguous last dim, got strides {out.strides}")
+    xs, ys = _qkv_strides(qkv), _qkv_strides(out)
+    in_place = out.data_ptr == qkv.data_ptr and xs == ys
+    if qkv.numel:
+        call("fdm_qk_norm_rope", qkv.data_ptr, q_weight.data_ptr if q_weight is not None else None,
+             k_weight.data_ptr if k_weight is not None else None, cos.data_ptr, sin.data_ptr, out.data_ptr, b, s, h,
+             d, *xs, *ys, float(eps), int(not in_place), int(bool(interleaved)), qkv.dtype.code, stream(device))
+    return out[:, :, 0], out[:, :, 1], out[:, :, 2]

@@ -228,6 +228,14 @@ class Pipeline:
         self.dtype = dtype
         self.timings = Timings()
 
+    def _memory(self):
+        """The device's allocator, for peak-memory accounting of a call; None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        from ...runtime import memory
+
+        return memory.allocator(self.device)
+
 
 from .flux import FluxPipeline  # noqa: E402  (these subclass Pipeline, defined above)
 from .sdxl import StableDiffusionXLPipeline  # noqa: E402

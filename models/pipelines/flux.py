@@ -36,7 +36,7 @@ from ..text_encoders.clip import CLIPTextModel
 from ..text_encoders.t5 import T5EncoderModel
 from ..text_encoders.tokenizers import TextTokenizer, load_clip_tokenizer, load_t5_tokenizer
 from ..vae import AutoencoderKL, AutoencoderKLConfig, to_pil
-from ..vae.image import denormalize
+from ..vae.image import to_numpy
 from . import Pipeline, Stopwatch, component_folder
 
 logger = logging.getLogger("fastdm")
@@ -336,24 +336,12 @@ class FluxPipeline(Pipeline):
             out = latents.numpy()
         else:
             images = self.vae.decode(self.vae.unscale(unpack_latents(latents, h, w)))  # [B, 3, H, W]
-            out = to_pil(images) if output_type == "pil" else self._to_numpy(images)
+            out = to_pil(images) if output_type == "pil" else to_numpy(images)
             t.decode_s = watch.lap()
         t.total_s = total.lap()
         if stats is not None:
             t.peak_memory_bytes = stats.stats().peak
         return out
-
-    @staticmethod
-    def _to_numpy(images: Tensor) -> np.ndarray:
-        """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] float32 in [0, 1] (diffusers' output_type="np")."""
-        return np.ascontiguousarray(denormalize(images.numpy()).transpose(0, 2, 3, 1))
-
-    def _memory(self):
-        if self.device.type != "cuda":
-            return None
-        from ...runtime import memory
-
-        return memory.allocator(self.device)
 
     def __repr__(self) -> str:
         cfg = self.transformer.config

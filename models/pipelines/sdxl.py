@@ -47,7 +47,7 @@ from ..schedulers import (
 from ..text_encoders.clip import CLIPTextModel, CLIPTextModelWithProjection
 from ..text_encoders.tokenizers import TextTokenizer, load_clip_tokenizer
 from ..vae import AutoencoderKL, AutoencoderKLConfig, to_pil
-from ..vae.image import denormalize
+from ..vae.image import to_numpy
 from . import Pipeline, Stopwatch, component_folder
 from .flux import torch_noise_kernel
 
@@ -414,24 +414,12 @@ class StableDiffusionXLPipeline(Pipeline):
             out = latents.numpy()
         else:
             images = self.vae.decode(self.vae.unscale(latents))  # [B, 3, H, W], in the VAE's dtype
-            out = to_pil(images) if output_type == "pil" else self._to_numpy(images)
+            out = to_pil(images) if output_type == "pil" else to_numpy(images)
             t.decode_s = watch.lap()
         t.total_s = total.lap()
         if stats is not None:
             t.peak_memory_bytes = stats.stats().peak
         return out
-
-    @staticmethod
-    def _to_numpy(images: Tensor) -> np.ndarray:
-        """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] float32 in [0, 1] (diffusers' output_type="np")."""
-        return np.ascontiguousarray(denormalize(images.numpy()).transpose(0, 2, 3, 1))
-
-    def _memory(self):
-        if self.device.type != "cuda":
-            return None
-        from ...runtime import memory
-
-        return memory.allocator(self.device)
 
     def __repr__(self) -> str:
         u = self.unet.config

@@ -48,6 +48,11 @@ def to_pil(images: Tensor | np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(p[:, :, :3])) for p in pixels]
 
 
+def to_numpy(images: Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] float32 in [0, 1] (diffusers' output_type="np")."""
+    return np.ascontiguousarray(denormalize(images.numpy()).transpose(0, 2, 3, 1))
+
+
 def from_pil(images: Image.Image | Sequence[Image.Image]) -> np.ndarray:
     """PIL images of one size to a float32 [B, C, H, W] array in [-1, 1] for `AutoencoderKL.encode`, as diffusers'
     VaeImageProcessor.preprocess without resizing: pixel / 255, then 2x - 1. Mode "L" gives C = 1, "RGB" C = 3;

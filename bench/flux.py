@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = json.loads((REPO.parent / "shared" / "reference" / "full_size_configs.json").read_text()) if (
-    REPO.parent / "shared" / "reference" / "full_size_configs.json").exists() else None
 TOKENIZERS = REPO / "tests" / "fixtures" / "tokenizers"
 
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -223,22 +220,10 @@ def _pipeline_fastdm(folder: Path, steps: int, size: int) -> dict:
 
 
 def bench_pipeline(folder: Path, steps: int, size: int) -> None:
-    """Each side in its own process so that each peak counts only itself."""
-    res = {}
-    for impl in ("torch", "fastdm"):
-        out = subprocess.run([sys.executable, __file__, "_pipeline_one", "--impl", impl, "--dir", str(folder),
-                              "--steps", str(steps), "--size", str(size)], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{impl} pipeline failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}", flush=True)
-            continue
-        res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"FLUX.1 pipeline {size}x{size}, {steps} steps, all components on the GPU, bf16")
-    print("| what | diffusers | fastdm |")
-    print("|---|---|---|")
-    for key, label in (("total_s", "end to end s (after warm-up)"), ("peak_gib", "peak allocated GiB"),
-                       ("load_s", "load s")):
-        vals = [f"{res[i][key]:.2f}" if i in res else "failed" for i in ("torch", "fastdm")]
-        print(f"| {label} | {vals[0]} | {vals[1]} |", flush=True)
+    from timing import pipeline_table
+
+    title = f"FLUX.1 pipeline {size}x{size}, {steps} steps, all components on the GPU, bf16"
+    pipeline_table(__file__, folder, steps, size, title)
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -166,21 +165,10 @@ def _pipeline_one(impl: str, folder: Path, steps: int, size: int) -> dict:
 
 
 def bench_pipeline(folder: Path, steps: int, size: int) -> None:
-    res = {}
-    for impl in ("torch", "fastdm"):
-        out = subprocess.run([sys.executable, __file__, "_pipeline_one", "--impl", impl, "--dir", str(folder),
-                              "--steps", str(steps), "--size", str(size)], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{impl} pipeline failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}", flush=True)
-            continue
-        res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"StableDiffusionXLPipeline {size}x{size}, {steps} steps, CFG 5.0, Euler, all on the GPU, bf16")
-    print("| what | diffusers | fastdm |")
-    print("|---|---|---|")
-    for key, label in (("total_s", "end to end s (after warm-up)"), ("peak_gib", "peak allocated GiB"),
-                       ("load_s", "load s")):
-        vals = [f"{res[i][key]:.2f}" if i in res else "failed" for i in ("torch", "fastdm")]
-        print(f"| {label} | {vals[0]} | {vals[1]} |", flush=True)
+    from timing import pipeline_table
+
+    title = f"StableDiffusionXLPipeline {size}x{size}, {steps} steps, CFG 5.0, Euler, all on the GPU, bf16"
+    pipeline_table(__file__, folder, steps, size, title)
 
 
 def main() -> None:

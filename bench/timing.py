@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 def time_fastdm(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:
@@ -57,3 +61,23 @@ def card_ceilings() -> dict[str, float]:
     y = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     ms = time_torch(lambda: x @ y, warmup=3, iters=10)
     return {"copy_GBps": copy_gbs, "bf16_TFLOPs": 2 * m**3 / ms / 1e9}
+
+
+def pipeline_table(script: str, folder: Path, steps: int, size: int, title: str) -> None:
+    """Run `script _pipeline_one --impl torch|fastdm` in a process each (so each peak counts only itself; the last
+    stdout line is a JSON dict of load_s, total_s, peak_gib) and print one table of both."""
+    res = {}
+    for impl in ("torch", "fastdm"):
+        out = subprocess.run([sys.executable, script, "_pipeline_one", "--impl", impl, "--dir", str(folder),
+                              "--steps", str(steps), "--size", str(size)], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{impl} pipeline failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}", flush=True)
+            continue
+        res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(title)
+    print("| what | diffusers | fastdm |")
+    print("|---|---|---|")
+    for key, label in (("total_s", "end to end s (after warm-up)"), ("peak_gib", "peak allocated GiB"),
+                       ("load_s", "load s")):
+        vals = [f"{res[i][key]:.2f}" if i in res else "failed" for i in ("torch", "fastdm")]
+        print(f"| {label} | {vals[0]} | {vals[1]} |", flush=True)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ...runtime import cuda, dtypes
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError, NoGpuError, UnsupportedDtypeError
@@ -73,6 +75,21 @@ def component_folder(folder: str | Path, index: Mapping[str, Any], name: str, cl
 
 
 # ---------------------------------------------------------------------------------------- device and dtype
+def check_image_size(height: Any, width: Any, multiple: int, family: str, why: str) -> None:
+    """height and width: integers, at least and a multiple of `multiple`; the message names the nearest valid
+    sizes. `family` ("FLUX", "SDXL") and `why` (the reason for the multiple) go into the message."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise InvalidArgumentError(f"{name} must be an integer number of pixels, got {v!r}")
+        if v < multiple:
+            raise InvalidArgumentError(f"{name} {v} is too small: {family} images are at least {multiple} pixels and "
+                                       f"a multiple of {multiple}; use {multiple}")
+        if v % multiple:
+            lo = v // multiple * multiple
+            raise InvalidArgumentError(f"{name} {v} is not a multiple of {multiple} ({why}): use {lo} or "
+                                       f"{lo + multiple}")
+
+
 def gpu_ready() -> bool:
     """A GPU is visible and the kernel library loads (never raises)."""
     try:

@@ -37,7 +37,7 @@ from ..text_encoders.t5 import T5EncoderModel
 from ..text_encoders.tokenizers import TextTokenizer, load_clip_tokenizer, load_t5_tokenizer
 from ..vae import AutoencoderKL, AutoencoderKLConfig, to_pil
 from ..vae.image import to_numpy
-from . import Pipeline, Stopwatch, component_folder
+from . import Pipeline, Stopwatch, check_image_size, component_folder
 
 logger = logging.getLogger("fastdm")
 
@@ -116,16 +116,7 @@ def model_timestep(t: float, batch: int, dtype: DType) -> np.ndarray:
 
 
 def check_size(height: Any, width: Any, multiple: int) -> None:
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise InvalidArgumentError(f"{name} must be an integer number of pixels, got {v!r}")
-        if v < multiple:
-            raise InvalidArgumentError(f"{name} {v} is too small: FLUX images are at least {multiple} pixels and a "
-                                       f"multiple of {multiple}; use {multiple}")
-        if v % multiple:
-            lo = v // multiple * multiple
-            raise InvalidArgumentError(f"{name} {v} is not a multiple of {multiple} (FLUX packs 2x2 patches of the "
-                                       f"VAE's latents): use {lo} or {lo + multiple}")
+    check_image_size(height, width, multiple, "FLUX", "FLUX packs 2x2 patches of the VAE's latents")
 
 
 def check_sequence_length(length: Any) -> int:

@@ -48,7 +48,7 @@ from ..text_encoders.clip import CLIPTextModel, CLIPTextModelWithProjection
 from ..text_encoders.tokenizers import TextTokenizer, load_clip_tokenizer
 from ..vae import AutoencoderKL, AutoencoderKLConfig, to_pil
 from ..vae.image import to_numpy
-from . import Pipeline, Stopwatch, component_folder
+from . import Pipeline, Stopwatch, check_image_size, component_folder
 from .flux import torch_noise_kernel
 
 logger = logging.getLogger("fastdm")
@@ -73,16 +73,7 @@ StepCallback = Callable[[int, float, Tensor], None]
 # ------------------------------------------------------------------------------------------ argument checks
 def check_size(height: Any, width: Any, multiple: int) -> None:
     """height and width: integers, multiples of the VAE's spatial factor (8); the message names the nearest."""
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise InvalidArgumentError(f"{name} must be an integer number of pixels, got {v!r}")
-        if v < multiple:
-            raise InvalidArgumentError(f"{name} {v} is too small: SDXL images are at least {multiple} pixels and a "
-                                       f"multiple of {multiple}; use {multiple}")
-        if v % multiple:
-            lo = v // multiple * multiple
-            raise InvalidArgumentError(f"{name} {v} is not a multiple of {multiple} (the VAE's latents are "
-                                       f"1/{multiple} of the image): use {lo} or {lo + multiple}")
+    check_image_size(height, width, multiple, "SDXL", f"the VAE's latents are 1/{multiple} of the image")
 
 
 def check_scheduler_name(name: Any) -> str:

@@ -89,3 +89,11 @@ def check_weights(shapes: Mapping[str, Sequence[int]], expected: Mapping[str, tu
         f"{source} is not a {what} checkpoint matching its config: " + "; ".join(problems) + ". Check that "
         "config.json belongs to these weights (layer counts, widths) and that the weights use diffusers' names; "
         "convert other layouts (original / single-file checkpoints) to the diffusers layout first.")
+
+
+def check_one_dtype(weights: Mapping[str, Tensor], source: str) -> None:
+    """Models compute in one dtype: refuse a weights dict that mixes several, naming them."""
+    stored = sorted({t.dtype.name for t in weights.values()})
+    if len(stored) > 1:
+        raise ModelLayoutError(f"{source} mixes tensor dtypes ({', '.join(stored)}); load it with one compute dtype, "
+                               "e.g. from_pretrained(..., dtype='bfloat16')")

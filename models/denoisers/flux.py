@@ -26,7 +26,7 @@ from ...runtime import ops
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError, ShapeError
 from ...runtime.tensor import Tensor
-from ..loading import check_weights, component_folder, load_weights, read_config
+from ..loading import check_one_dtype, check_weights, component_folder, load_weights, read_config
 
 ROPE_THETA = 10000.0
 TIME_PROJ_DIM = 256  # width of the sinusoidal timestep / guidance features
@@ -251,10 +251,7 @@ class FluxTransformer:
         check_weights({n: t.shape for n, t in weights.items()}, expected_weights(config), WHAT, source)
         cfg = self.config = config
         w = weights
-        stored = sorted({t.dtype.name for t in w.values()})
-        if len(stored) > 1:
-            raise ModelLayoutError(f"{source} mixes tensor dtypes ({', '.join(stored)}); load it with one compute "
-                                   "dtype, e.g. from_pretrained(..., dtype='bfloat16')")
+        check_one_dtype(w, source)
         self.device = w["x_embedder.weight"].device
         self.dtype: DType = w["x_embedder.weight"].dtype
         self.time_embedder = TimestepEmbedder(w, "time_text_embed.timestep_embedder.")

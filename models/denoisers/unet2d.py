@@ -30,7 +30,7 @@ from ...runtime import ops
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError, ShapeError
 from ...runtime.tensor import Tensor
-from ..loading import check_weights, component_folder, load_weights, read_config
+from ..loading import check_one_dtype, check_weights, component_folder, load_weights, read_config
 from .unet2d_blocks import (
     FF_MULT,
     AttnPlan,
@@ -292,10 +292,7 @@ class UNet2DCondition:
         check_weights({n: t.shape for n, t in weights.items()}, expected_weights(config), WHAT, source)
         cfg = self.config = config
         w = weights
-        stored = sorted({t.dtype.name for t in w.values()})
-        if len(stored) > 1:
-            raise ModelLayoutError(f"{source} mixes tensor dtypes ({', '.join(stored)}); load it with one compute "
-                                   "dtype, e.g. from_pretrained(..., dtype='bfloat16')")
+        check_one_dtype(w, source)
         self.device = w["conv_in.weight"].device
         self.dtype: DType = w["conv_in.weight"].dtype
         groups, eps = cfg.norm_num_groups, cfg.norm_eps

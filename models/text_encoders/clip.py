@@ -19,7 +19,7 @@ flag on ops.attention would replace it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from ...runtime import ops, safetensors
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError, ShapeError, UnsupportedDtypeError
 from ...runtime.tensor import Tensor
-from ..loading import check_weights, component_folder, read_config
+from ..loading import check_one_dtype, check_weights, component_folder, read_config
 
 WHAT = "CLIP text encoder (CLIPTextModel)"
 WHAT_PROJECTION = "CLIP text encoder with projection (CLIPTextModelWithProjection)"
@@ -167,13 +167,6 @@ def key_mask(attention_mask: Any, shape: tuple[int, int], who: str) -> np.ndarra
     if mask.shape != shape:
         raise ShapeError(f"{who}: attention_mask must be [B, S] = {list(shape)} like input_ids, got {list(mask.shape)}")
     return mask != 0
-
-
-def check_one_dtype(weights: Mapping[str, Tensor], source: str) -> None:
-    stored = sorted({t.dtype.name for t in weights.values()})
-    if len(stored) > 1:
-        raise ModelLayoutError(f"{source} mixes tensor dtypes ({', '.join(stored)}); load it with one compute dtype, "
-                               "e.g. from_pretrained(..., dtype='bfloat16')")
 
 
 def _take(w: dict[str, Tensor], prefix: str, name: str) -> tuple[Tensor, Tensor]:

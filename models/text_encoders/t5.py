@@ -33,8 +33,8 @@ from ...runtime import dtypes, ops, safetensors
 from ...runtime.dtypes import DType
 from ...runtime.errors import ModelLayoutError, UnsupportedDtypeError
 from ...runtime.tensor import Tensor
-from ..loading import check_weights, component_folder, read_config
-from .clip import attention_with_bias, check_one_dtype, key_mask, mask_value, token_ids
+from ..loading import check_one_dtype, check_weights, component_folder, read_config
+from .clip import attention_with_bias, key_mask, mask_value, token_ids
 
 EMBEDDING = "shared.weight"
 TIED_EMBEDDING = "encoder.embed_tokens.weight"

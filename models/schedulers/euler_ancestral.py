@@ -24,8 +24,8 @@ from ...runtime import dtypes
 from ...runtime.errors import InvalidArgumentError
 from ...runtime.tensor import Tensor
 from ..noise import TorchCPUGenerator
-from .discrete_sigmas import DiscreteConfig, DiscreteScheduler, interp_sigmas, spaced_timesteps
-from .euler_discrete import _axpby, _denoised, _div, _euler_coefficients
+from .discrete_sigmas import DiscreteConfig, interp_sigmas, spaced_timesteps
+from .euler_discrete import SigmaInputScheduler, _axpby, _denoised, _euler_coefficients
 
 _f32 = np.float32
 Generator = TorchCPUGenerator | Sequence[TorchCPUGenerator]
@@ -36,7 +36,7 @@ class EulerAncestralConfig(DiscreteConfig):
     """diffusers' EulerAncestralDiscreteScheduler config fields (all shared with the other DDPM samplers)."""
 
 
-class EulerAncestralDiscreteScheduler(DiscreteScheduler):
+class EulerAncestralDiscreteScheduler(SigmaInputScheduler):
     """Euler ancestral sampler. After `set_timesteps`: `timesteps` [n] float32, `sigmas` [n + 1] float32 (last 0)."""
 
     config_class = EulerAncestralConfig
@@ -53,27 +53,6 @@ class EulerAncestralDiscreteScheduler(DiscreteScheduler):
         self.timesteps = t
         self.sigmas = np.concatenate([s, [0.0]]).astype(_f32)
 
-    @property
-    def init_noise_sigma(self) -> float:
-        """Standard deviation of the initial latents (the pipeline multiplies unit noise by it)."""
-        if self.sigmas is None:
-            raise InvalidArgumentError("call set_timesteps() before reading init_noise_sigma")
-        m = self.sigmas.max()
-        if self.config.timestep_spacing in ("linspace", "trailing"):
-            return float(m)
-        return float(np.sqrt(m * m + _f32(1)))
-
-    def model_input_scale(self, i: int) -> float:
-        """c_in = 1 / sqrt(sigma_i^2 + 1): the UNet gets `ops.mul(x, c_in)` at step i."""
-        self._check_index(i)
-        s = self.sigmas[i]
-        return 1.0 / float(np.sqrt(s * s + _f32(1)))
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        """Numpy reference of diffusers' scale_model_input: sample / sqrt(sigma_i^2 + 1)."""
-        self._check_index(i)
-        s = self.sigmas[i]
-        return _div(sample, np.sqrt(s * s + _f32(1)))
 
     # ---------------------------------------------------------------------------------------------------- step
     def sigma_up_down(self, i: int) -> tuple[np.float32, np.float32]:

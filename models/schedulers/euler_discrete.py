@@ -70,7 +70,34 @@ class EulerDiscreteConfig(DiscreteConfig):
             raise ModelLayoutError(f"timestep_type {self.timestep_type!r} is not 'discrete' or 'continuous'")
 
 
-class EulerDiscreteScheduler(DiscreteScheduler):
+class SigmaInputScheduler(DiscreteScheduler):
+    """The Euler samplers' shared model-input convention: the UNet sees x / sqrt(sigma^2 + 1), and the initial
+    latents are unit noise times init_noise_sigma."""
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Standard deviation of the initial latents (the pipeline multiplies unit noise by it)."""
+        if self.sigmas is None:
+            raise InvalidArgumentError("call set_timesteps() before reading init_noise_sigma")
+        m = self.sigmas.max()
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return float(m)
+        return float(np.sqrt(m * m + _f32(1)))
+
+    def model_input_scale(self, i: int) -> float:
+        """c_in = 1 / sqrt(sigma_i^2 + 1): the UNet gets `ops.mul(x, c_in)` at step i."""
+        self._check_index(i)
+        s = self.sigmas[i]
+        return 1.0 / float(np.sqrt(s * s + _f32(1)))
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        """Numpy reference of diffusers' scale_model_input: sample / sqrt(sigma_i^2 + 1), float32 divisor."""
+        self._check_index(i)
+        s = self.sigmas[i]
+        return _div(sample, np.sqrt(s * s + _f32(1)))
+
+
+class EulerDiscreteScheduler(SigmaInputScheduler):
     """Euler sampler (diffusers' EulerDiscreteScheduler). After `set_timesteps`: `timesteps` [n] float32 (what the
     UNet gets), `sigmas` [n + 1] float32, `num_inference_steps` = n."""
 
@@ -126,28 +153,6 @@ class EulerDiscreteScheduler(DiscreteScheduler):
         self.timesteps = np.asarray(t).astype(_f32)
         self.sigmas = s
 
-    @property
-    def init_noise_sigma(self) -> float:
-        """Standard deviation of the initial latents (the pipeline multiplies unit noise by it)."""
-        if self.sigmas is None:
-            raise InvalidArgumentError("call set_timesteps() before reading init_noise_sigma")
-        m = self.sigmas.max()
-        if self.config.timestep_spacing in ("linspace", "trailing"):
-            return float(m)
-        return float(np.sqrt(m * m + _f32(1)))
-
-    # ------------------------------------------------------------------------------------------- model input
-    def model_input_scale(self, i: int) -> float:
-        """c_in = 1 / sqrt(sigma_i^2 + 1): the UNet gets `ops.mul(x, c_in)` at step i."""
-        self._check_index(i)
-        s = self.sigmas[i]
-        return 1.0 / float(np.sqrt(s * s + _f32(1)))
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        """Numpy reference of diffusers' scale_model_input: sample / sqrt(sigma_i^2 + 1), float32 divisor."""
-        self._check_index(i)
-        s = self.sigmas[i]
-        return _div(sample, np.sqrt(s * s + _f32(1)))
 
     # ---------------------------------------------------------------------------------------------------- step
     def step_coefficients(self, i: int) -> tuple[float, float]:

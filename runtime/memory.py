@@ -12,6 +12,7 @@ import ctypes
 import gc
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,7 @@ class DeviceAllocator:
         self._current = 0
         self._peak = 0
         self._live = 0
+        self._capture_log: list[weakref.ref] | None = None  # buffers allocated while a graph is being captured
 
     # ---------------------------------------------------------------------------------------- allocation
     def alloc(self, nbytes: int, stream: Stream | None = None) -> DeviceBuffer:
@@ -137,7 +139,10 @@ class DeviceAllocator:
             self._live += 1
             if self._current > self._peak:
                 self._peak = self._current
-        return DeviceBuffer(ptr, nbytes, self.device, stream, self)
+        buf = DeviceBuffer(ptr, nbytes, self.device, stream, self)
+        if self._capture_log is not None:
+            self._capture_log.append(weakref.ref(buf))
+        return buf
 
     def _try_alloc(self, nbytes: int, stream: Stream) -> int | None:
         err, dptr = _drv.cuMemAllocFromPoolAsync(nbytes, self._pool, stream._handle)
@@ -154,6 +159,26 @@ class DeviceAllocator:
         with self._lock:
             self._current -= buf.nbytes
             self._live -= 1
+
+    # ------------------------------------------------------------------------------------------ graph capture
+    def begin_capture(self) -> None:
+        """Note every buffer allocated from now on: under stream capture they are graph allocations."""
+        self._capture_log = []
+
+    def end_capture(self) -> list[DeviceBuffer]:
+        """Stop noting; return the noted buffers that are still alive."""
+        log, self._capture_log = self._capture_log or [], None
+        return [b for b in (r() for r in log) if b is not None and b.ptr]
+
+    def abandon(self, bufs: list[DeviceBuffer]) -> None:
+        """Drop graph allocations whose graph was never instantiated (a failed or refused capture): there is
+        nothing left to free, so they only leave the counters and their tensors become unusable."""
+        for buf in bufs:
+            with self._lock:
+                self._current -= buf.nbytes
+                self._live -= 1
+            buf._allocator = None
+            buf.free()
 
     # ------------------------------------------------------------------------------------------ statistics
     def _pool_attr(self, name: str) -> int:

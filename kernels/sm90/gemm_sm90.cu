@@ -39,13 +39,16 @@ void wave_footprint(int64_t wave_ctas, int64_t major_tiles, int64_t minor_tiles,
 // ---- stream-K workspace ------------------------------------------------------------------------------------------
 // One buffer per (device, stream), grown in stream order and kept: stream-K kernels on one stream run one after
 // another, so they can share it, while concurrent streams each get their own. Stream-ordered allocation keeps it
-// off the host's critical path. During graph capture nothing is allocated or handed out (a captured pointer would
-// dangle once the buffer grows), so captured GEMMs run data-parallel.
+// off the host's critical path. During graph capture nothing is allocated, but a buffer that is already large
+// enough is handed out (the eager call before a capture sizes it) and marked: a captured buffer is never freed when
+// the slot grows later (it is left to the graphs that use it), so a captured pointer cannot dangle. A captured GEMM
+// whose stream has no large-enough buffer runs data-parallel.
 struct StreamWorkspace {
   int device = -1;
   cudaStream_t stream = nullptr;
   void* ptr = nullptr;
   size_t bytes = 0;
+  bool captured = false;
 };
 constexpr int kWorkspaceSlots = 16;
 constexpr size_t kWorkspaceGranule = size_t(4) << 20;
@@ -60,7 +63,7 @@ void* stream_workspace(size_t bytes, cudaStream_t stream) {
     cudaGetLastError();  // clear it: the caller runs without a workspace
     return nullptr;
   }
-  if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  const bool capturing = capture != cudaStreamCaptureStatusNone;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
@@ -76,8 +79,13 @@ void* stream_workspace(size_t bytes, cudaStream_t stream) {
     if (!slot && w.device < 0) slot = &w;
   }
   if (!slot) return nullptr;  // more streams than slots: the rest run data-parallel
-  if (slot->device == device && slot->stream == stream && slot->bytes >= bytes) return slot->ptr;
-  if (slot->ptr && cudaFreeAsync(slot->ptr, stream) != cudaSuccess) cudaGetLastError();  // after queued work
+  if (slot->device == device && slot->stream == stream && slot->bytes >= bytes) {
+    slot->captured = slot->captured || capturing;
+    return slot->ptr;
+  }
+  if (capturing) return nullptr;
+  // A buffer a graph captured stays allocated for that graph (a small, bounded leak per growth).
+  if (slot->ptr && !slot->captured && cudaFreeAsync(slot->ptr, stream) != cudaSuccess) cudaGetLastError();
   *slot = StreamWorkspace{};
   const size_t want = size_t(round_up(int64_t(bytes), int64_t(kWorkspaceGranule)));
   void* ptr = nullptr;

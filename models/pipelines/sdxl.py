@@ -32,6 +32,7 @@ from PIL import Image
 from ...runtime import dtypes, ops
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError
+from ...runtime.graphs import trim_graph_memory
 from ...runtime.tensor import Tensor, zeros
 from ..denoisers.unet2d import UNet2DCondition
 from ..loading import read_config
@@ -400,6 +401,8 @@ class StableDiffusionXLPipeline(Pipeline):
             t.step_s.append(watch.lap())
             if callback is not None:
                 callback(i, float(step_t), latents)
+        if getattr(self.device, "type", "cpu") == "cuda":
+            trim_graph_memory(self.device)  # the UNet graph's activations go back to the card before the VAE runs
 
         if output_type == "latent":
             out = latents.numpy()

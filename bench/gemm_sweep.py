@@ -48,9 +48,15 @@ EXTRA_SHAPES = {  # name: (M, K, N)
     "sdxl 64x64 attn proj 640->640": (8192, 640, 640),
     "sdxl 32x32 attn proj 1280->1280": (2048, 1280, 1280),
     "flux attn out 3072->3072": (4608, 3072, 3072),
+    "sdxl 32x32 qkv 1280->3840": (2048, 1280, 3840),
+    "sdxl 64x64 qkv 640->1920": (8192, 640, 1920),
+    "sdxl 64x64 ff down 2560->640": (8192, 2560, 640),
 }
-# Shapes also timed as linear_gated_residual (FLUX's output projections, batch 1: one fused launch).
-GATED = {"flux attn out 3072->3072", "flux mlp 12288->3072", "flux single out 15360->3072"}
+# Shapes also timed as linear_gated_residual (FLUX's output projections, batch 1: one fused launch; the SDXL UNet's
+# residual projections, whose gate is ones).
+GATED = {"flux attn out 3072->3072", "flux mlp 12288->3072", "flux single out 15360->3072",
+         "sdxl 64x64 attn proj 640->640", "sdxl 32x32 attn proj 1280->1280", "sdxl 64x64 ff down 2560->640",
+         "sdxl 32x32 ff 5120->1280"}
 # Shapes also timed with the gelu_tanh epilogue (FLUX's MLP up-projection).
 GELU = {"flux mlp 3072->12288"}
 SM90_PATH = 1

@@ -48,6 +48,9 @@ SIGNATURES: dict[str, list] = {
     "fdm_softmax": [P, P, I64, I64, I64, I64, I64, I64, I64, I, P],
     # (x, w|None, b|None, y, ws f32 [N*G*chunks*2], chunks, N, C, HW, G, eps, silu, dtype, stream)
     "fdm_group_norm": [P, P, P, P, P, I, I64, I64, I64, I, F, I, I, P],
+    # group_norm_nhwc.cu. x, y [N, S, C] channels-last; ws f32 of ws_elems >= N*G*chunks*2 + 3*N*C
+    # (x, w|None, b|None, y, ws, ws_elems, chunks, N, S, C, G, eps, silu, dtype, stream)
+    "fdm_group_norm_nhwc": [P, P, P, P, P, I64, I, I64, I64, I64, I, F, I, I, P],
     # rope.cu. (x, y, cos, sin, B, S, H, D, xs_b, xs_s, xs_h, ys_b, ys_s, ys_h, interleaved, dtype, stream)
     "fdm_rope": [P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, I, P],
     # (qkv, q_w|None, k_w|None, cos, sin, out, B, S, H, D, xs_b, xs_s, xs_t, xs_h, ys_b, ys_s, ys_t, ys_h, eps,

@@ -378,7 +378,8 @@ FDM_API int fdm_gemm_sm90_config_name(int config, char* buf, int64_t len) {
     return arg_error("sm90 GEMM configuration %d does not exist (want 0..%d)", config, kSm90ConfigCount - 1);
   if (!buf || len < 1) return arg_error("config name buffer is empty");
   static const char* const kernels[] = {"coop 128x256 c2x1",     "coop 256x128 c1x2",     "coop 128x128 c1x1",
-                                        "pingpong 128x128 c1x1", "pingpong 128x128 c2x1", "coop 128x256 c2x1 lean"};
+                                        "pingpong 128x128 c1x1", "pingpong 128x128 c2x1", "coop 128x256 c2x1 lean",
+                                        "coop 128x160 c1x1"};
   static const char* const decomps[] = {"data-parallel", "stream-k heuristic", "stream-k"};
   static_assert(sizeof(kernels) / sizeof(kernels[0]) == kSm90KernelCount);
   const Sm90Config& c = kSm90Configs[config];

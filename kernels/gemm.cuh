@@ -84,6 +84,8 @@ enum Sm90Kernel : int {
   kSm90Pingpong128x128,  // ping-pong 128x128x64, cluster 1x1, persistent scheduler (no stream-K)
   kSm90Pingpong128x128C2,  // ping-pong 128x128x64, cluster 2x1, persistent scheduler (no stream-K)
   kSm90Coop128x256Lean,  // kSm90Coop128x256 with an epilogue that never reads C: plain linear only (no gate)
+  kSm90Coop128x160,      // cooperative 128x160x64, cluster 1x1, stream-K scheduler: N = 640 / 1280 / 3840 in
+                         // whole tiles, and a 2048 x 1280 output in 128 tiles (one wave on 132 SMs)
   kSm90KernelCount
 };
 
@@ -126,6 +128,9 @@ inline constexpr Sm90Config kSm90Configs[] = {
     {kSm90Pingpong128x128C2, kDecompDataParallel, kRasterAuto, 1}, // 14
     {kSm90Coop128x256Lean, kDecompDataParallel, kRasterAuto, 1},   // 15
     {kSm90Coop128x256Lean, kDecompHeuristic, kRasterAuto, 1},      // 16
+    {kSm90Coop128x160, kDecompDataParallel, kRasterAuto, 1},       // 17
+    {kSm90Coop128x160, kDecompHeuristic, kRasterAuto, 1},          // 18
+    {kSm90Coop128x160, kDecompStreamK, kRasterAuto, 1},            // 19
 };
 inline constexpr int kSm90ConfigCount = int(sizeof(kSm90Configs) / sizeof(kSm90Configs[0]));
 

@@ -194,6 +194,10 @@ def test_conv2d_against_loops(rng, dtype, kernel, stride, padding, with_bias):
     assert out.shape == ref.shape
     assert out.flags.c_contiguous
     assert_close(out, ref)
+    out_cl = cpu.conv2d(x.transpose(0, 2, 3, 1), w.transpose(0, 2, 3, 1), b, stride=stride, padding=padding,
+                        channels_last=True)
+    assert out_cl.flags.c_contiguous
+    assert_close(out_cl, ref.transpose(0, 2, 3, 1))
 
 
 def test_conv2d_chunked_rows_and_odd_sizes(rng, monkeypatch):
@@ -353,6 +357,11 @@ def test_group_norm(rng, dtype, shape, groups, activation, affine):
     out = cpu.group_norm(x, w, b, num_groups=groups, eps=1e-5, activation=activation)
     ref = group_norm_ref(r64(x), groups, None if w is None else r64(w), None if b is None else r64(b), 1e-5)
     assert_close(out, ACT_REF[activation](ref))
+    order = (0,) + tuple(range(2, x.ndim)) + (1,)  # [N, *spatial, C]
+    out_cl = cpu.group_norm(np.ascontiguousarray(x.transpose(order)), w, b, num_groups=groups, eps=1e-5,
+                            activation=activation, channels_last=True)
+    assert out_cl.flags.c_contiguous
+    assert_close(out_cl, ACT_REF[activation](ref).transpose(order))
 
 
 def test_group_norm_rejects_bad_input(rng):
@@ -712,6 +721,8 @@ def test_upsample_nearest2x(rng, dtype, shape):
     assert np.array_equal(out.astype(np.float64), ref)
     with pytest.raises(ShapeError):
         cpu.upsample_nearest2x(x[0])
+    out_cl = cpu.upsample_nearest2x(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), channels_last=True)
+    assert np.array_equal(out_cl.astype(np.float64), ref.transpose(0, 2, 3, 1))
 
 
 # ------------------------------------------------------------------------------------------ dtype errors

@@ -443,6 +443,9 @@ def test_upsample_nearest2x(rng, dt, shape):
     x = randn(rng, *shape).astype(dt)
     ref = np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)
     same_bits(poisoned(oc().upsample_nearest2x, gpu(x)).numpy(), ref)
+    x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # [N, H, W, C]
+    got = poisoned(oc().upsample_nearest2x, gpu(x_cl), channels_last=True).numpy()
+    same_bits(got, np.ascontiguousarray(ref.transpose(0, 2, 3, 1)))
 
 
 def test_timestep_embedding_matches_cpu(rng):

@@ -4,9 +4,10 @@ im2col fallback, against ops.cpu.conv2d (float32) on fresh random inputs.
 
 Shapes are the convs of the SDXL UNet (3x3 at 320 channels, the stride-2 downsampler, a 1x1 shortcut) and of the
 VAE (512 and 128 channels at its large resolutions), odd spatial sizes, channel counts that leave partial tiles
-(C = 24, 40; O = 72), a 5x5 filter, and the shapes that must fall back (RGB in, RGB out, 4-channel latents,
-float32). Each test checks which path ran through the fdm_conv2d_nhwc_last_config hook (-1: the implicit GEMM did
-not run), and every configuration is also forced on its own. Outputs are NaN-poisoned (given as `out`) so unwritten
+(C = 24, 40; O = 72), a 5x5 filter, channel counts that are zero-padded to 8 around the implicit GEMM (RGB in, RGB
+out, 4-channel latents) and float32, which falls back to im2col. Each test checks which path ran through the
+fdm_conv2d_nhwc_last_config hook (-1: the implicit GEMM did not run), and every configuration is also forced on its
+own. Outputs are NaN-poisoned (given as `out`) so unwritten
 elements fail.
 """
 
@@ -98,7 +99,8 @@ def out_shape(n, h, w, o, k, stride, padding):
 
 
 def fast(dtype, c, o) -> bool:
-    return dtype in HALF_DTYPES and c % 8 == 0 and o % 8 == 0
+    """Whether the implicit GEMM runs (C and O that are not multiples of 8 are zero-padded for it)."""
+    return dtype in HALF_DTYPES
 
 
 # (N, C, H, W, O, k, stride, padding)
@@ -117,7 +119,7 @@ SMALL_CASES = {
     "5x5_p2": (1, 8, 9, 9, 16, 5, 1, 2),
     "pad_over_2x2": (2, 16, 2, 2, 16, 3, 1, 1),  # every output touches the padding
 }
-FALLBACK_CASES = {
+PADDED_CASES = {
     "rgb_in": (1, 3, 33, 31, 128, 3, 1, 1),     # a VAE's conv_in
     "rgb_out": (1, 128, 20, 18, 3, 3, 1, 1),    # a VAE's conv_out
     "latent_4ch": (2, 4, 16, 16, 8, 1, 1, 0),   # SDXL's post_quant_conv has C = O = 4
@@ -219,11 +221,15 @@ def test_config_hooks():
 
 
 @needs_gpu
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES + ["float32"])
-@pytest.mark.parametrize("name", list(FALLBACK_CASES))
-def test_fallback_shapes(rng, dtype, name):
-    run_case(rng, dtype, FALLBACK_CASES[name])
-    assert last_config() == -1  # the im2col path ran
+@pytest.mark.parametrize("name", list(PADDED_CASES))
+def test_channels_padded_to_8(rng, dtype, name, with_bias):
+    run_case(rng, dtype, PADDED_CASES[name], with_bias)
+    if dtype == "float32":
+        assert last_config() == -1  # the im2col path ran
+    else:
+        assert last_config() >= 0  # the implicit GEMM, on zero-padded channels
 
 
 @needs_gpu
@@ -253,8 +259,8 @@ def test_default_output_and_noncontiguous_input(rng, dtype):
 @pytest.mark.parametrize("layout", ["oihw", "ohwi"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", [MODEL_CASES["sdxl_640_down_s2"], SMALL_CASES["odd_13x11"],
-                                  SMALL_CASES["c40_o72"], FALLBACK_CASES["rgb_in"]],
-                         ids=["sdxl_down_s2", "odd_13x11", "c40_o72", "rgb_in_fallback"])
+                                  SMALL_CASES["c40_o72"], PADDED_CASES["rgb_in"], PADDED_CASES["rgb_out"]],
+                         ids=["sdxl_down_s2", "odd_13x11", "c40_o72", "rgb_in_padded", "rgb_out_padded"])
 def test_conv2d_nhwc(rng, dtype, case, layout):
     n, c, h, w, o, k, stride, padding = case
     x, wt, b = conv_inputs(rng, dtype, n, c, h, w, o, k)
@@ -266,9 +272,26 @@ def test_conv2d_nhwc(rng, dtype, case, layout):
     assert out.shape == ref.shape
     check(out, ref, dtype)
     if c % 8:
-        assert last_config() == -1  # through NCHW and im2col
+        assert last_config() >= 0  # zero-padded to 8 channels
     else:
         assert last_config() in expected_auto(c)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", [MODEL_CASES["sdxl_640_down_s2"], PADDED_CASES["latent_4ch"],
+                                  PADDED_CASES["rgb_out"]], ids=["sdxl_down_s2", "latent_4ch", "rgb_out"])
+def test_ops_conv2d_channels_last(rng, case):
+    """The public op: ops.conv2d(channels_last=True) with an OHWI weight from ops.conv_weight_channels_last."""
+    from fastdm.runtime import ops
+
+    n, c, h, w, o, k, stride, padding = case
+    x, wt, b = conv_inputs(rng, "bfloat16", n, c, h, w, o, k)
+    w_cl = ops.conv_weight_channels_last(gpu(wt))
+    assert w_cl.shape == (o, k, k, c)
+    out = ops.conv2d(gpu(np.ascontiguousarray(x.transpose(0, 2, 3, 1))), w_cl, gpu(b), stride=stride,
+                     padding=padding, channels_last=True)
+    check(out, cpu.conv2d(x, wt, b, stride=stride, padding=padding).transpose(0, 2, 3, 1), "bfloat16")
+    assert out.is_contiguous()
 
 
 @needs_gpu
@@ -405,6 +428,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(mod, "stream", lambda device: 0)
     monkeypatch.setattr(mod, "permute", host_permute)
     monkeypatch.setattr(mod, "_copy", host_copy)
+    monkeypatch.setattr(mod, "contiguous", lambda t: t if t.is_contiguous() else host_permute(t, tuple(range(t.ndim))))
     monkeypatch.setattr(mod, "contig", lambda t: t if t is None or t.is_contiguous() else host_permute(
         t, tuple(range(t.ndim))))
     mod.clear_weight_cache()
@@ -418,7 +442,7 @@ def host(a: np.ndarray) -> Tensor:
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", [SMALL_CASES["odd_s2"], SMALL_CASES["c40_o72"], SMALL_CASES["1x1_s2"],
-                                  SMALL_CASES["5x5_p2"], FALLBACK_CASES["rgb_in"], FALLBACK_CASES["rgb_out"]],
+                                  SMALL_CASES["5x5_p2"], PADDED_CASES["rgb_in"], PADDED_CASES["rgb_out"]],
                          ids=["odd_s2", "c40_o72", "1x1_s2", "5x5_p2", "rgb_in", "rgb_out"])
 def test_emulated_layouts_and_routing(emulated, rng, dtype, case):
     mod, calls = emulated
@@ -462,7 +486,10 @@ def test_scratch_bytes():
         2 * (2 * 320 * 128 * 128 + 2 * 320 * 128 * 128)
     assert mod.conv2d_scratch_bytes((2, 640, 64, 64), (640, 640, 3, 3), "float16", 2, 1) == \
         2 * (2 * 640 * 64 * 64 + 2 * 640 * 32 * 32)
-    # im2col (RGB in): padded weight and bias, then one chunk of rows of K = 32 (27 padded) and O = 128
-    rows = 1 * 33 * 31
+    # RGB in, implicit GEMM on channels zero-padded to 8: the NHWC copies, then the padded x and weight
+    px = 33 * 31
     assert mod.conv2d_scratch_bytes((1, 3, 33, 31), (128, 3, 3, 3), "bfloat16", 1, 1) == \
-        2 * (128 * 32 + 128) + rows * (32 + 128) * 2
+        2 * (px * 3 + px * 128) + 2 * (px * 8 + 128 * 9 * 8)
+    # float32 takes im2col: padded weight and bias, then one chunk of rows of K = 32 (27 padded) and O = 128
+    assert mod.conv2d_scratch_bytes((1, 3, 33, 31), (128, 3, 3, 3), "float32", 1, 1) == \
+        4 * (128 * 32 + 128) + px * (32 + 128) * 4

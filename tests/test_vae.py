@@ -121,7 +121,8 @@ def test_automatic_tiling_follows_the_memory_budget():
 
 def test_peak_estimate_of_the_full_size_flux_vae():
     """At 1024x1024 the busiest moment is the last up block's first resnet: its 256-channel input and norm1 output
-    (512 MiB each in bf16), its 128-channel conv1 output (256 MiB) and the conv scratch (256 MiB): 1.5 GiB."""
+    (512 MiB each in bf16) and its 128-channel conv1 output (256 MiB): 1.25 GiB (the bf16 implicit-GEMM convs need
+    no scratch)."""
     cfg = AutoencoderKLConfig(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                               norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                               use_post_quant_conv=False, sample_size=1024)
@@ -130,8 +131,8 @@ def test_peak_estimate_of_the_full_size_flux_vae():
     model = AutoencoderKL(cfg, weights)
     gib = 1 << 30
     one = model.decode_peak_bytes((1, 16, 128, 128))
-    assert 1.5 * gib <= one < 1.51 * gib
-    assert 3.4 * one < model.decode_peak_bytes((1, 16, 256, 256)) < 4 * one  # 2048^2: activations x4, scratch x1
+    assert 1.25 * gib <= one < 1.26 * gib
+    assert 3.9 * one < model.decode_peak_bytes((1, 16, 256, 256)) < 4 * one  # 2048^2: activations x4
     assert model.decode_peak_bytes((2, 16, 128, 128)) > 1.5 * one
     # diffusers' 128-latent tiles at 2048^2 need about the untiled 1024^2 decode plus the kept tiles
     assert cfg.tile_latent_size == 128

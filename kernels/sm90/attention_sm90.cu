@@ -153,7 +153,7 @@ struct Sm90Attention {
 template <typename Element>
 using Sm90AttentionD128 = Sm90Attention<Element, Shape<_128, _128, _128>>;
 template <typename Element>
-using Sm90AttentionD64 = Sm90Attention<Element, Shape<_128, _64, _64>>;
+using Sm90AttentionD64 = Sm90Attention<Element, Shape<_128, _128, _64>>;
 
 // TMA reads a tensor through a descriptor with one byte stride per dim: each must be a positive multiple of
 // 16 bytes (8 elements here) below 2^40, and the collective holds strides as int. A dim of size 1 is never

@@ -255,6 +255,8 @@ template <typename E>
 using Coop256x128 = Cooperative<E, Shape<_256, _128, _64>, Shape<_1, _2, _1>>;
 template <typename E>
 using Coop128x128 = Cooperative<E, Shape<_128, _128, _64>, Shape<_1, _1, _1>>;
+template <typename E>
+using Coop128x160 = Cooperative<E, Shape<_128, _160, _64>, Shape<_1, _1, _1>>;
 template <typename E, typename Cluster>
 using Pingpong128x128 = Sm90Linear<E, Shape<_128, _128, _64>, Cluster, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                                    cutlass::epilogue::TmaWarpSpecialized, cutlass::gemm::PersistentScheduler, false>;

@@ -25,7 +25,7 @@ import numpy as np
 from ...runtime import ops
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError, ShapeError
-from ...runtime.tensor import Tensor
+from ...runtime.tensor import Tensor, empty
 from ..loading import check_one_dtype, check_weights, component_folder, load_weights, read_config
 
 ROPE_THETA = 10000.0
@@ -193,13 +193,14 @@ class DoubleStreamBlock:
 
         img_qkv = self._qkv(ops.layer_norm_modulate(img, m[0], m[1], eps=EPS), self.img_qkv)
         txt_qkv = self._qkv(ops.layer_norm_modulate(txt, m[6], m[7], eps=EPS), self.txt_qkv)
-        q = ops.concat([ops.rms_norm(txt_qkv[:, :, 0], self.txt_norm_q, eps=EPS),
-                        ops.rms_norm(img_qkv[:, :, 0], self.img_norm_q, eps=EPS)], axis=1)  # [B, S, H, hd]
-        k = ops.concat([ops.rms_norm(txt_qkv[:, :, 1], self.txt_norm_k, eps=EPS),
-                        ops.rms_norm(img_qkv[:, :, 1], self.img_norm_k, eps=EPS)], axis=1)
-        v = ops.concat([txt_qkv[:, :, 2], img_qkv[:, :, 2]], axis=1)
-        q = ops.rope(q, cos, sin, interleaved=True)
-        k = ops.rope(k, cos, sin, interleaved=True)
+        # Joint [txt, img] q, k, v: each stream's q/k RMSNorm + RoPE writes its token range of one buffer.
+        joint = empty((b, s_txt + s_img) + img_qkv.shape[2:], img_qkv.dtype, img_qkv.device)  # [B, S, 3, H, hd]
+        ops.qk_norm_rope(txt_qkv, self.txt_norm_q, self.txt_norm_k, cos.narrow(0, 0, s_txt),
+                         sin.narrow(0, 0, s_txt), eps=EPS, out=joint.narrow(1, 0, s_txt))
+        ops.qk_norm_rope(img_qkv, self.img_norm_q, self.img_norm_k, cos.narrow(0, s_txt, s_img),
+                         sin.narrow(0, s_txt, s_img), eps=EPS, out=joint.narrow(1, s_txt, s_img))
+        q, k, v = joint[:, :, 0], joint[:, :, 1], joint[:, :, 2]  # [B, S, H, hd] views
+        del img_qkv, txt_qkv
         attn = ops.attention(q, k, v).view(b, s_txt + s_img, d)  # [B, S, D]
 
         img = ops.linear_gated_residual(attn.narrow(1, s_txt, s_img).contiguous(), *self.img_out, m[2], img)
@@ -233,9 +234,8 @@ class SingleStreamBlock:
         h = ops.layer_norm_modulate(x, m[0], m[1], eps=EPS)
         mlp = ops.linear(h, *self.mlp, activation="gelu_tanh")  # [B, S, 4D]
         qkv = ops.linear(h, *self.qkv).view(b, s, 3, self.heads, self.head_dim)
-        q = ops.rope(ops.rms_norm(qkv[:, :, 0], self.norm_q, eps=EPS), cos, sin, interleaved=True)
-        k = ops.rope(ops.rms_norm(qkv[:, :, 1], self.norm_k, eps=EPS), cos, sin, interleaved=True)
-        attn = ops.attention(q, k, qkv[:, :, 2]).view(b, s, d)  # [B, S, D]
+        q, k, v = ops.qk_norm_rope(qkv, self.norm_q, self.norm_k, cos, sin, eps=EPS, out=qkv)  # in place
+        attn = ops.attention(q, k, v).view(b, s, d)  # [B, S, D]
         x = ops.linear_gated_residual(attn, self.out_attn_w, None, gate, x)
         return ops.linear_gated_residual(mlp, self.out_mlp_w, self.out_b, gate, x)
 

@@ -406,7 +406,7 @@ class UNet2DCondition:
         # x: [B, in_ch, h, w], silu_temb: [B, T], ctx: [B, S_txt, cross_dim] -> [B, out_ch, h, w]
         cfg = self.config
         kvs = self.text_kv(ctx)  # every cross-attention's k, v: [B, S_txt, 2, H, D] each
-        x = self.conv_in(x)  # [B, C0, h, w]
+        x = self.conv_in(ops.permute(x, (0, 2, 3, 1)))  # channels-last from here on: [B, h, w, C0]  # [B, C0, h, w]
         skips = [x]
         for down in self.down_blocks:
             x, outs = down(x, silu_temb, kvs)
@@ -415,9 +415,10 @@ class UNet2DCondition:
         for up in self.up_blocks:
             n = len(up.resnets)
             mine, skips = skips[-n:], skips[:-n]
-            size = skips[-1].shape[2:] if up.upsampler is not None else None  # the next level's size
+            size = skips[-1].shape[1:3] if up.upsampler is not None else None  # the next level's size
             x = up(x, mine, silu_temb, kvs, size)
-        x = ops.group_norm(x, cfg.norm_num_groups, *self.conv_norm_out, eps=cfg.norm_eps, activation="silu")
-        return self.conv_out(x)  # [B, out_ch, h, w]
+        x = ops.group_norm(x, cfg.norm_num_groups, *self.conv_norm_out, eps=cfg.norm_eps, activation="silu",
+                           channels_last=True)
+        return ops.permute(self.conv_out(x), (0, 3, 1, 2))  # [B, out_ch, h, w]
 
     __call__ = forward

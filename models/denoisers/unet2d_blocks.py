@@ -2,10 +2,12 @@
 Downsample2D / Upsample2D, Transformer2DModel with linear projections and BasicTransformerBlocks (self-attention,
 cross-attention, GEGLU feed-forward), and the down / mid / up blocks that chain them.
 
-Activations are NCHW between layers, as in diffusers (ops.conv2d and ops.group_norm are NCHW); a transformer works
-on [B, H*W, C] tokens in between. Each layer pops its tensors (diffusers state-dict names) from the weights dict,
-so a checkpoint is never held twice. The block plans (which resnet has which channels, which block has attention,
-how many transformer layers) come from unet2d's config so the model and its expected weight list agree.
+Activations are channels-last, [B, H, W, C], between layers (diffusers keeps NCHW): that is the layout the GPU's
+implicit-GEMM convolutions read, and a transformer's tokens [B, H*W, C] are then the same memory, so nothing is
+ever permuted inside the UNet. Conv weights are converted to [O, kh, kw, C] at load. Each layer pops its tensors
+(diffusers state-dict names) from the weights dict, so a checkpoint is never held twice. The block plans (which
+resnet has which channels, which block has attention, how many transformer layers) come from unet2d's config so the
+model and its expected weight list agree.
 """
 
 from __future__ import annotations
@@ -76,22 +78,28 @@ class Ones:
 
 
 def residual_linear(x: Tensor, linear: tuple[Tensor, Tensor | None], residual: Tensor, ones: Ones) -> Tensor:
-    """residual + x @ W^T + b, the add fused into the GEMM. x: [B, S, K], residual: [B, S, N]."""
-    b, _, n = residual.shape
-    return ops.linear_gated_residual(x, linear[0], linear[1], ones(b, n), residual)
+    """residual + x @ W^T + b, the add fused into the GEMM. x: [B, S, K], residual: [B, S, N]. The gate is the
+    same (ones) for every sample, so the batch is folded into the rows: one GEMM of B * S rows, not B of S."""
+    b, s, n = residual.shape
+    rows = (1, b * s)
+    out = ops.linear_gated_residual(ops.contiguous(x).view(*rows, x.shape[2]), linear[0], linear[1], ones(1, n),
+                                    ops.contiguous(residual).view(*rows, n))
+    return out.view(b, s, n)
 
 
 # ---------------------------------------------------------------------------------------------- resnets
 class Conv2d:
-    """torch.nn.Conv2d (groups 1, symmetric zero padding)."""
+    """torch.nn.Conv2d (groups 1, symmetric zero padding) on channels-last activations."""
 
     def __init__(self, w: dict[str, Tensor], name: str, stride: int = 1, padding: int | None = None):
-        self.weight, self.bias = take(w, name)  # [O, C, k, k], [O]
+        weight, self.bias = take(w, name)  # [O, C, k, k], [O]
+        self.weight = ops.conv_weight_channels_last(weight)  # [O, k, k, C]; the torch-layout copy is dropped
         self.stride = stride
-        self.padding = (self.weight.shape[-1] - 1) // 2 if padding is None else padding  # "same" for odd k
+        self.padding = (weight.shape[-1] - 1) // 2 if padding is None else padding  # "same" for odd k
 
     def __call__(self, x: Tensor) -> Tensor:
-        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        # x: [B, H, W, C] -> [B, Ho, Wo, O]
+        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, channels_last=True)
 
 
 class ResnetBlock2D:
@@ -109,12 +117,12 @@ class ResnetBlock2D:
         self.shortcut = Conv2d(w, prefix + "conv_shortcut") if in_ch != out_ch else None
 
     def __call__(self, x: Tensor, silu_temb: Tensor) -> Tensor:
-        # x: [B, C_in, H, W], silu_temb: [B, T] -> [B, C_out, H, W]
-        h = ops.group_norm(x, self.groups, *self.norm1, eps=self.eps, activation="silu")
+        # x: [B, H, W, C_in], silu_temb: [B, T] -> [B, H, W, C_out]
+        h = ops.group_norm(x, self.groups, *self.norm1, eps=self.eps, activation="silu", channels_last=True)
         h = self.conv1(h)
         t = ops.linear(silu_temb, *self.time_emb_proj)  # [B, C_out]
-        h = ops.add(h, t.view(t.shape[0], t.shape[1], 1, 1))
-        h = ops.group_norm(h, self.groups, *self.norm2, eps=self.eps, activation="silu")
+        h = ops.add(h, t.view(t.shape[0], 1, 1, t.shape[1]))
+        h = ops.group_norm(h, self.groups, *self.norm2, eps=self.eps, activation="silu", channels_last=True)
         h = self.conv2(h)
         return ops.add(x if self.shortcut is None else self.shortcut(x), h)
 
@@ -140,10 +148,10 @@ class Upsample2D:
         self.conv = Conv2d(w, prefix + "conv")
 
     def __call__(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
-        # x: [B, C, h, w] -> [B, C, H, W] with H, W = size or (2h, 2w)
-        up = ops.upsample_nearest2x(x)
-        if size is not None and tuple(size) != tuple(up.shape[2:]):
-            up = up.narrow(2, 0, size[0]).narrow(3, 0, size[1])
+        # x: [B, h, w, C] -> [B, H, W, C] with H, W = size or (2h, 2w)
+        up = ops.upsample_nearest2x(x, channels_last=True)
+        if size is not None and tuple(size) != tuple(up.shape[1:3]):
+            up = ops.contiguous(up.narrow(1, 0, size[0]).narrow(2, 0, size[1]))
         return self.conv(up)
 
 
@@ -218,12 +226,12 @@ class BasicTransformerBlock:
 
 
 class Transformer2D:
-    """Transformer2DModel with use_linear_projection: GroupNorm, tokens [B, H*W, C], proj_in, the transformer
-    blocks, proj_out, back to NCHW, plus the input."""
+    """Transformer2DModel with use_linear_projection: GroupNorm, tokens [B, H*W, C] (the channels-last activation
+    itself), proj_in, the transformer blocks, proj_out with the input added in its epilogue."""
 
     def __init__(self, w: dict[str, Tensor], prefix: str, plan: AttnPlan, groups: int, kv: CrossAttentionKV,
                  ones: Ones):
-        self.groups = groups
+        self.groups, self.ones = groups, ones
         self.norm = take(w, prefix + "norm")
         self.proj_in = take(w, prefix + "proj_in")  # [C, C]
         self.blocks = [BasicTransformerBlock(w, f"{prefix}transformer_blocks.{i}.", plan, kv, ones)
@@ -231,16 +239,13 @@ class Transformer2D:
         self.proj_out = take(w, prefix + "proj_out")
 
     def __call__(self, x: Tensor, kvs: Sequence[Tensor]) -> Tensor:
-        # x: [B, C, H, W]; kvs: every block's projected encoder states (CrossAttentionKV's output)
-        b, c, hh, ww = x.shape
-        h = ops.group_norm(x, self.groups, *self.norm, eps=TRANSFORMER_GROUP_NORM_EPS)
-        h = ops.permute(h.view(b, c, hh * ww), (0, 2, 1))  # [B, HW, C]
-        h = ops.linear(h, *self.proj_in)
+        # x: [B, H, W, C]; kvs: every block's projected encoder states (CrossAttentionKV's output)
+        b, hh, ww, c = x.shape
+        h = ops.group_norm(x, self.groups, *self.norm, eps=TRANSFORMER_GROUP_NORM_EPS, channels_last=True)
+        h = ops.linear(h.view(b, hh * ww, c), *self.proj_in)  # [B, HW, C]
         for block in self.blocks:
             h = block(h, kvs[block.kv_slot])
-        h = ops.linear(h, *self.proj_out)  # [B, HW, C]
-        h = ops.permute(h, (0, 2, 1)).view(b, c, hh, ww)  # [B, C, H, W]
-        return ops.add(h, x)
+        return residual_linear(h, self.proj_out, x.view(b, hh * ww, c), self.ones).view(b, hh, ww, c)
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -312,7 +317,7 @@ class UpBlock(_Block):
                  size: Sequence[int] | None) -> Tensor:
         # skips: this block's len(resnets) skip tensors, in the order the down path made them
         for i in range(len(self.resnets)):
-            x = ops.concat([x, skips[-1 - i]], axis=1)  # [B, C + C_skip, H, W]
+            x = ops.concat([x, skips[-1 - i]], axis=3)  # [B, H, W, C + C_skip]
             x = self._layer(i, x, silu_temb, kvs)
         if self.upsampler is not None:
             x = self.upsampler(x, size)

@@ -13,6 +13,7 @@ automatically when a memory budget would be exceeded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,19 +267,24 @@ class AutoencoderKL:
 
     # ------------------------------------------------------------------------------------------ decode
     def _decode_one(self, z: Tensor) -> Tensor:
+        # z: [B, C, h, w] -> [B, out, H, W]; channels-last inside (blocks.py)
+        z = ops.permute(z, (0, 2, 3, 1))
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return ops.permute(self.decoder(z), (0, 3, 1, 2))
 
     def decode_peak_bytes(self, latent_shape: Sequence[int]) -> int:
         """Estimated activation bytes at the busiest moment of an untiled decode of `latent_shape` [B, C, h, w] in
         the model's dtype, from the shapes alone (weights not counted)."""
         b, c, h, w = (int(n) for n in latent_shape)
         s = self.dtype.itemsize
-        extra = 2 * b * c * h * w * s + OP_WORKSPACE_BYTES  # the input and the post_quant_conv output
+        # the input, its channels-last copy and the post_quant_conv output
+        extra = 3 * b * c * h * w * s + OP_WORKSPACE_BYTES
         if self.post_quant_conv is not None:
             extra += self.post_quant_conv.scratch_bytes((b, c, h, w), s)
-        return extra + self.decoder.peak_bytes((b, c, h, w), s)
+        out = self.decoder.out_shape((b, c, h, w))
+        # the decoder's busiest moment, or its channels-last output with the NCHW copy of it
+        return extra + max(self.decoder.peak_bytes((b, c, h, w), s), 2 * math.prod(out) * s)
 
     def decode(self, latents: Any, tile: bool | int | None = None, memory_budget: int | None = None) -> Tensor:
         """VAE latents [B, latent_channels, h, w] (already `unscale`d) -> images [B, out_channels, f h, f w] in
@@ -300,8 +306,10 @@ class AutoencoderKL:
     def moments(self, images: Any) -> Tensor:
         """images [B, in_channels, H, W] in [-1, 1] -> the posterior's [mean, logvar] [B, 2 * latent, H/f, W/f]."""
         x = self._tensor(images, "images", self.config.in_channels)
-        m = self.encoder(x)
-        return self.quant_conv(m) if self.quant_conv is not None else m
+        m = self.encoder(ops.permute(x, (0, 2, 3, 1)))  # channels-last inside (blocks.py)
+        if self.quant_conv is not None:
+            m = self.quant_conv(m)
+        return ops.permute(m, (0, 3, 1, 2))
 
     def encode(self, images: Any, noise: Any = None) -> Tensor:
         """images [B, in_channels, H, W] in [-1, 1] -> VAE latents [B, latent_channels, H // f, W // f] (apply

@@ -2,9 +2,11 @@
 mid-block spatial self-attention, nearest-2x Upsample2D, stride-2 Downsample2D and the GroupNorm-SiLU-conv head.
 
 Each layer pops its tensors (diffusers state-dict names) from the weights dict, so a checkpoint is never held twice.
-Activations are NCHW. The encoder and decoder are flat `LayerStack`s: each layer's input is freed as soon as the
-layer returns, and every layer can say how many bytes of activations it holds at its peak (`peak_bytes`), which
-lets the model decide from shapes alone whether a decode fits a memory budget.
+Activations are channels-last, [B, H, W, C] (the layout of the GPU's implicit-GEMM convolutions; conv weights are
+converted to [O, kh, kw, C] at load); the shapes the memory estimates pass around are still written (B, C, H, W),
+since only element counts matter there. The encoder and decoder are flat `LayerStack`s: each layer's input is freed
+as soon as the layer returns, and every layer can say how many bytes of activations it holds at its peak
+(`peak_bytes`), which lets the model decide from shapes alone whether a decode fits a memory budget.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ EPS = 1e-6  # every GroupNorm of the VAE (resnets, attention, conv_norm_out)
 # Attention scores are computed in query chunks of at most about this many bytes ([B, rows, S] in the compute
 # dtype), so a 2048x2048 image (65536 latent tokens: a 16 GiB score matrix in bf16) never holds more at once.
 ATTN_SCORE_BYTES = 256 << 20
-# ops.conv2d on the GPU lowers to im2col + GEMM with a scratch buffer of the padded weight plus at most this many
-# bytes of im2col and GEMM rows per chunk; the memory estimates below count it the same way.
+# ops.conv2d on the GPU runs an implicit GEMM (no scratch; zero-padded copies of x and the weight when C or O is not
+# a multiple of 8) or, for float32, im2col + GEMM with the NCHW copies of x and of the output, a padded weight and at
+# most this many bytes of im2col and GEMM rows per chunk. The estimates below count the larger of the two.
 CONV_SCRATCH_BYTES = 256 << 20
 
 Shape = tuple[int, int, int, int]  # [B, C, H, W]
@@ -40,27 +43,37 @@ def _round8(v: int) -> int:
 
 
 class Conv2d:
-    """torch.nn.Conv2d (groups 1, symmetric zero padding)."""
+    """torch.nn.Conv2d (groups 1, symmetric zero padding) on channels-last activations."""
 
     def __init__(self, w: dict[str, Tensor], name: str, stride: int = 1, padding: int = 0):
-        self.weight, self.bias = take(w, name)  # [O, C, k, k], [O]
+        weight, self.bias = take(w, name)  # [O, C, k, k], [O]
+        self.weight = ops.conv_weight_channels_last(weight)  # [O, k, k, C]
         self.stride, self.padding = stride, padding
 
     def __call__(self, x: Tensor) -> Tensor:
-        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        # x: [B, H, W, C] -> [B, Ho, Wo, O]
+        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, channels_last=True)
 
     def out_shape(self, shape: Shape) -> Shape:
-        o, _, kh, kw = self.weight.shape
+        o, kh, kw, _ = self.weight.shape
         p, s = self.padding, self.stride
         return (shape[0], o, (shape[2] + 2 * p - kh) // s + 1, (shape[3] + 2 * p - kw) // s + 1)
 
     def scratch_bytes(self, shape: Shape, itemsize: int) -> int:
-        """The GPU conv's scratch for input `shape`: padded weight and bias, plus im2col and output rows."""
-        o, c, kh, kw = self.weight.shape
+        """The GPU conv's scratch for input `shape` (see CONV_SCRATCH_BYTES)."""
+        o, kh, kw, c = self.weight.shape
         b, _, ho, wo = self.out_shape(shape)
+        x, out = nbytes(shape, itemsize), b * o * ho * wo * itemsize
+        if itemsize == 2:  # 16-bit: the implicit GEMM, which needs scratch only to zero-pad C or O to 8
+            padded = 0
+            if c % 8:
+                padded += (b * shape[2] * shape[3] + o * kh * kw) * _round8(c) * itemsize
+            if o % 8:
+                padded += (_round8(o) * kh * kw * _round8(c) + b * ho * wo * _round8(o)) * itemsize
+            return padded
         kp, op = _round8(c * kh * kw), _round8(o)
         per_row = (kp + op) * itemsize
-        return (op * kp + op) * itemsize + min(b * ho * wo * per_row, CONV_SCRATCH_BYTES)
+        return x + out + (op * kp + op) * itemsize + min(b * ho * wo * per_row, CONV_SCRATCH_BYTES)
 
     def peak_bytes(self, shape: Shape, itemsize: int) -> int:
         return (nbytes(shape, itemsize) + nbytes(self.out_shape(shape), itemsize)
@@ -80,10 +93,10 @@ class ResnetBlock2D:
         self.shortcut = Conv2d(w, prefix + "conv_shortcut") if in_ch != out_ch else None
 
     def __call__(self, x: Tensor) -> Tensor:
-        # x: [B, C_in, H, W] -> [B, C_out, H, W]
-        h = ops.group_norm(x, self.groups, *self.norm1, eps=EPS, activation="silu")
+        # x: [B, H, W, C_in] -> [B, H, W, C_out]
+        h = ops.group_norm(x, self.groups, *self.norm1, eps=EPS, activation="silu", channels_last=True)
         h = self.conv1(h)
-        h = ops.group_norm(h, self.groups, *self.norm2, eps=EPS, activation="silu")
+        h = ops.group_norm(h, self.groups, *self.norm2, eps=EPS, activation="silu", channels_last=True)
         h = self.conv2(h)
         skip = x if self.shortcut is None else self.shortcut(x)
         return ops.add(skip, h)
@@ -127,10 +140,10 @@ class SpatialSelfAttention:
         return max(1, min(s, ATTN_SCORE_BYTES // max(1, b * s * itemsize)))
 
     def __call__(self, x: Tensor) -> Tensor:
-        # x: [B, C, H, W]
-        b, c, h, wd = x.shape
+        # x: [B, H, W, C]
+        b, h, wd, c = x.shape
         s = h * wd
-        tokens = ops.permute(ops.group_norm(x, self.groups, *self.norm, eps=EPS).view(b, c, s), (0, 2, 1))  # [B,S,C]
+        tokens = ops.group_norm(x, self.groups, *self.norm, eps=EPS, channels_last=True).view(b, s, c)  # [B, S, C]
         q = ops.linear(tokens, *self.to_q)  # [B, S, C], pre-scaled
         k_t = ops.permute(ops.linear(tokens, *self.to_k), (0, 2, 1))  # [B, C, S]
         v = ops.linear(tokens, *self.to_v)  # [B, S, C]
@@ -146,8 +159,7 @@ class SpatialSelfAttention:
         del q, k_t, v
         out = pieces[0] if len(pieces) == 1 else ops.concat(pieces, axis=1)  # [B, S, C]
         del pieces
-        out = ops.permute(ops.linear(out, *self.to_out), (0, 2, 1)).view(b, c, h, wd)  # [B, C, H, W]
-        return ops.add(out, x)
+        return ops.add(ops.linear(out, *self.to_out).view(b, h, wd, c), x)  # [B, H, W, C]
 
     def out_shape(self, shape: Shape) -> Shape:
         return shape
@@ -168,8 +180,8 @@ class Upsample2D:
         self.conv = Conv2d(w, prefix + "conv", padding=1)
 
     def __call__(self, x: Tensor) -> Tensor:
-        # x: [B, C, H, W] -> [B, C, 2H, 2W]
-        return self.conv(ops.upsample_nearest2x(x))
+        # x: [B, H, W, C] -> [B, 2H, 2W, C]
+        return self.conv(ops.upsample_nearest2x(x, channels_last=True))
 
     def out_shape(self, shape: Shape) -> Shape:
         b, c, h, wd = shape
@@ -184,9 +196,9 @@ def pad_bottom_right(x: Tensor) -> Tensor:
     """x with one row of zeros below and one column of zeros to the right: torch's F.pad(x, (0, 1, 0, 1)).
     ops.conv2d pads symmetrically only, so the zeros are concatenated (two copies of x, in three layers of the
     encoder against dozens of convs)."""
-    b, c, h, wd = x.shape
-    x = ops.concat([x, zeros((b, c, h, 1), x.dtype, x.device)], axis=3)  # [B, C, H, W+1]
-    return ops.concat([x, zeros((b, c, 1, wd + 1), x.dtype, x.device)], axis=2)  # [B, C, H+1, W+1]
+    b, h, wd, c = x.shape  # channels-last
+    x = ops.concat([x, zeros((b, h, 1, c), x.dtype, x.device)], axis=2)  # [B, H, W+1, C]
+    return ops.concat([x, zeros((b, 1, wd + 1, c), x.dtype, x.device)], axis=1)  # [B, H+1, W+1, C]
 
 
 class Downsample2D:
@@ -196,7 +208,7 @@ class Downsample2D:
         self.conv = Conv2d(w, prefix + "conv", stride=2)
 
     def __call__(self, x: Tensor) -> Tensor:
-        # x: [B, C, H, W] -> [B, C, H // 2, W // 2]
+        # x: [B, H, W, C] -> [B, H // 2, W // 2, C]
         return self.conv(pad_bottom_right(x))
 
     def out_shape(self, shape: Shape) -> Shape:
@@ -219,7 +231,7 @@ class NormActConv:
         self.conv = Conv2d(w, prefix + "conv_out", padding=1)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.conv(ops.group_norm(x, self.groups, *self.norm, eps=EPS, activation="silu"))
+        return self.conv(ops.group_norm(x, self.groups, *self.norm, eps=EPS, activation="silu", channels_last=True))
 
     def out_shape(self, shape: Shape) -> Shape:
         return self.conv.out_shape(shape)

@@ -79,9 +79,20 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return _dispatch("matmul", a, b)
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0) -> Tensor:
-    """2-D cross-correlation as torch.nn.functional.conv2d. x: [N, C, H, W], weight: [O, C, kh, kw] -> NCHW."""
-    return _dispatch("conv2d", x, weight, bias, stride=stride, padding=padding)
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0,
+           channels_last: bool = False) -> Tensor:
+    """2-D cross-correlation as torch.nn.functional.conv2d. x: [N, C, H, W], weight: [O, C, kh, kw] -> NCHW.
+    channels_last=True: x [N, H, W, C], weight [O, kh, kw, C] (see conv_weight_channels_last) -> [N, Ho, Wo, O];
+    on the GPU this is the layout the implicit-GEMM kernels read, so no permutes happen."""
+    return _dispatch("conv2d", x, weight, bias, stride=stride, padding=padding, channels_last=channels_last)
+
+
+def conv_weight_channels_last(weight: Tensor) -> Tensor:
+    """A [O, C, kh, kw] conv weight (torch layout) as the [O, kh, kw, C] copy that conv2d(channels_last=True)
+    takes."""
+    if weight.ndim != 4:
+        raise ShapeError(f"ops.conv_weight_channels_last: weight must be [O, C, kh, kw], got {weight.shape}")
+    return permute(weight, (0, 2, 3, 1))
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -110,9 +121,11 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
-               eps: float = 1e-5, activation: Activation = None) -> Tensor:
-    """GroupNorm over [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu"."""
-    return _dispatch("group_norm", x, weight, bias, num_groups=num_groups, eps=eps, activation=activation)
+               eps: float = 1e-5, activation: Activation = None, channels_last: bool = False) -> Tensor:
+    """GroupNorm over [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu".
+    channels_last=True: x is [N, *spatial, C]."""
+    return _dispatch("group_norm", x, weight, bias, num_groups=num_groups, eps=eps, activation=activation,
+                     channels_last=channels_last)
 
 
 # ------------------------------------------------------------------------------------- positions and time
@@ -229,6 +242,7 @@ def embedding(ids: Tensor, table: Tensor) -> Tensor:
     return _dispatch("embedding", ids, table)
 
 
-def upsample_nearest2x(x: Tensor) -> Tensor:
-    """Nearest-neighbour 2x upsampling of [N, C, H, W] -> [N, C, 2H, 2W]."""
-    return _dispatch("upsample_nearest2x", x)
+def upsample_nearest2x(x: Tensor, channels_last: bool = False) -> Tensor:
+    """Nearest-neighbour 2x upsampling of [N, C, H, W] -> [N, C, 2H, 2W] (channels_last: [N, H, W, C] ->
+    [N, 2H, 2W, C])."""
+    return _dispatch("upsample_nearest2x", x, channels_last=channels_last)

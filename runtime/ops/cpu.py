@@ -222,11 +222,17 @@ def matmul(a, b) -> np.ndarray:
     return np.matmul(a, b)
 
 
-def conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0) -> np.ndarray:
+def conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0, channels_last: bool = False) -> np.ndarray:
     """2-D cross-correlation as torch.nn.functional.conv2d (groups=1, dilation=1, symmetric zero padding).
-    x: [N, C, H, W], weight: [O, C, kh, kw], bias: [O] -> [N, O, Ho, Wo], Ho = (H + 2p - kh) // stride + 1."""
+    x: [N, C, H, W], weight: [O, C, kh, kw], bias: [O] -> [N, O, Ho, Wo], Ho = (H + 2p - kh) // stride + 1.
+    channels_last: x [N, H, W, C], weight [O, kh, kw, C] -> [N, Ho, Wo, O]."""
     x = _float(x, "ops.conv2d: x")
     weight = _float(weight, "ops.conv2d: weight")
+    if channels_last:
+        _check(x.ndim == 4, f"ops.conv2d: x must be [N, H, W, C] (channels_last), got {x.shape}")
+        _check(weight.ndim == 4, f"ops.conv2d: weight must be [O, kh, kw, C] (channels_last), got {weight.shape}")
+        y = conv2d(x.transpose(0, 3, 1, 2), weight.transpose(0, 3, 1, 2), bias, stride, padding)
+        return np.ascontiguousarray(y.transpose(0, 2, 3, 1))
     bias = _float_or_none(bias, "ops.conv2d: bias")
     if not isinstance(stride, (int, np.integer)) or isinstance(stride, bool) or stride < 1:
         raise InvalidArgumentError(f"ops.conv2d: stride must be an int >= 1, got {stride!r}")
@@ -359,10 +365,16 @@ def rms_norm(x, weight=None, eps: float = 1e-6) -> np.ndarray:
 
 
 def group_norm(x, weight=None, bias=None, *, num_groups: int, eps: float = 1e-5,
-               activation: str | None = None) -> np.ndarray:
-    """GroupNorm over [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu".
-    num_groups is keyword-only here because ops.group_norm passes it that way."""
+               activation: str | None = None, channels_last: bool = False) -> np.ndarray:
+    """GroupNorm over [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu"
+    (channels_last: x is [N, *spatial, C]). num_groups is keyword-only here because ops.group_norm passes it that
+    way."""
     x = _float(x, "ops.group_norm: x")
+    if channels_last:
+        _check(x.ndim >= 2, f"ops.group_norm: x must be [N, *spatial, C] (channels_last), got {x.shape}")
+        order = (0, x.ndim - 1) + tuple(range(1, x.ndim - 1))  # -> [N, C, *spatial]
+        y = group_norm(x.transpose(order), weight, bias, num_groups=num_groups, eps=eps, activation=activation)
+        return np.ascontiguousarray(y.transpose(np.argsort(order)))
     weight = _float_or_none(weight, "ops.group_norm: weight")
     bias = _float_or_none(bias, "ops.group_norm: bias")
     _check_activation(activation, (None, "silu"), "group_norm")
@@ -610,9 +622,13 @@ def embedding(ids, table) -> np.ndarray:
     return table[ids].astype(f32)  # gather first: never converts the whole (possibly huge) table
 
 
-def upsample_nearest2x(x) -> np.ndarray:
-    """Nearest-neighbour 2x upsampling of [N, C, H, W] -> [N, C, 2H, 2W]."""
+def upsample_nearest2x(x, channels_last: bool = False) -> np.ndarray:
+    """Nearest-neighbour 2x upsampling of [N, C, H, W] -> [N, C, 2H, 2W] (channels_last: [N, H, W, C] ->
+    [N, 2H, 2W, C])."""
     x = _float(x, "ops.upsample_nearest2x: x")
+    if channels_last:
+        _check(x.ndim == 4, f"ops.upsample_nearest2x: x must be [N, H, W, C] (channels_last), got {x.shape}")
+        return np.ascontiguousarray(upsample_nearest2x(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1))
     _check(x.ndim == 4, f"ops.upsample_nearest2x: x must be [N, C, H, W], got {x.shape}")
     n, c, h, w = x.shape
     return np.ascontiguousarray(np.broadcast_to(x[:, :, :, None, :, None], (n, c, h, 2, w, 2))).reshape(

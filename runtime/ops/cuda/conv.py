@@ -1,12 +1,13 @@
-"""ops.cuda conv2d: a CUTLASS implicit GEMM on channels-last tensors (kernels/conv_implicit.cu), with im2col + GEMM
-(gemm.conv2d_im2col, kernels/im2col.cu) for what it cannot take: float32, C or O not a multiple of 8 (an RGB
-conv_in, a 4-channel latent), filters over 32x32, one image of 2 GiB or more.
+"""ops.cuda conv2d: a CUTLASS implicit GEMM on channels-last tensors (kernels/conv_implicit.cu). C or O not a
+multiple of 8 (an RGB conv_in, a 4-channel latent) is zero-padded up to 8 around the same kernel; im2col + GEMM
+(gemm.conv2d_im2col, kernels/im2col.cu) takes what it cannot: float32, filters over 32x32, one image of 2 GiB or
+more.
 
 `conv2d` keeps diffusers' layouts (x NCHW, weight OIHW): x is permuted to NHWC and the result back to NCHW on
 every call (one strided-copy kernel each way); the weight is converted to KRSC (= OHWI, [O, kh, kw, C]) once and
-cached per weight Tensor. `conv2d_nhwc` takes and returns channels-last activations, so a model that keeps them
-channels-last pays no permutes; it also takes an already converted weight (`weight_layout="ohwi"`, see
-`to_ohwi`), which spares the cached copy.
+cached per weight Tensor. `conv2d(channels_last=True)` takes and returns channels-last activations with an OHWI
+weight (the model converts it at load), so a model that keeps its activations channels-last pays no permutes and
+no cached copy. `conv2d_nhwc` is the channels-last entry with a choice of weight layout (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import numpy as np
 
 from ... import dtypes
 from ...errors import InvalidArgumentError, ShapeError
-from ...tensor import Tensor
+from ...tensor import Tensor, zeros
 from ._common import call, check_float, check_same_dtype, contig, empty_like, gpu_device, stream
 from .gemm import conv2d_im2col
-from .layout import _copy, permute
+from .layout import _copy, contiguous, permute
 
 _FAST_DTYPES = (dtypes.bfloat16, dtypes.float16)
 _MAX_TENSOR_BYTES = 1 << 31  # the kernel indexes each tensor of a launch in int32 bytes; batches are split
@@ -76,12 +77,17 @@ def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tupl
     return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
 
 
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
 def _implicit_ok(dtype: dtypes.DType, n: int, h: int, w: int, c: int, o: int, kh: int, kw: int, ho: int,
                  wo: int) -> bool:
-    """Whether fdm_conv2d_nhwc takes the problem (its limits, checked again in kernels/conv_implicit.cu)."""
+    """Whether fdm_conv2d_nhwc takes the problem once C and O are padded to multiples of 8 (its limits, checked
+    again in kernels/conv_implicit.cu)."""
     isz = dtype.itemsize
-    return (dtype in _FAST_DTYPES and c > 0 and o > 0 and n > 0 and c % 8 == 0 and o % 8 == 0
-            and kh <= 32 and kw <= 32
+    c, o = _round8(c), _round8(o)
+    return (dtype in _FAST_DTYPES and c > 0 and o > 0 and n > 0 and kh <= 32 and kw <= 32
             and h * w * c * isz < _MAX_TENSOR_BYTES and ho * wo * o * isz < _MAX_TENSOR_BYTES
             and o * kh * kw * c * isz < _MAX_TENSOR_BYTES)
 
@@ -97,7 +103,13 @@ def conv2d_scratch_bytes(x_shape: tuple[int, int, int, int], weight_shape: tuple
     isz = dt.itemsize
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
     if _implicit_ok(dt, n, h, w, c, o, kh, kw, ho, wo):
-        return (n * h * w * c + n * ho * wo * o) * isz
+        scratch = (n * h * w * c + n * ho * wo * o) * isz  # the NHWC copies
+        c8, o8 = _round8(c), _round8(o)
+        if c8 != c:  # zero-padded x and weight
+            scratch += (n * h * w * c8 + o * kh * kw * c8) * isz
+        if o8 != o:  # padded weight rows, bias and output
+            scratch += (o8 * kh * kw * c8 + o8 + n * ho * wo * o8) * isz
+        return scratch
     from . import gemm  # its workspace budget is read at call time (tests lower it)
 
     kp, op = gemm._round8(c * kh * kw), gemm._round8(o)
@@ -116,9 +128,31 @@ def _aligned(t: Tensor | None) -> Tensor | None:
     return y
 
 
+def _pad_last(t: Tensor, size: int) -> Tensor:
+    """t zero-padded along its last dim to `size` (a new contiguous tensor)."""
+    out = zeros(t.shape[:-1] + (size,), t.dtype, t.device)
+    _copy(t, out.narrow(t.ndim - 1, 0, t.shape[-1]))
+    return out
+
+
+def _pad_first(t: Tensor, size: int) -> Tensor:
+    """t zero-padded along its first dim to `size` (a new contiguous tensor)."""
+    out = zeros((size,) + t.shape[1:], t.dtype, t.device)
+    _copy(t, out.narrow(0, 0, t.shape[0]))
+    return out
+
+
 def _run_nhwc(x: Tensor, w_ohwi: Tensor, bias: Tensor | None, stride: int, padding: int, ho: int,
               wo: int) -> Tensor:
-    """fdm_conv2d_nhwc: x [N, H, W, C], w_ohwi [O, kh, kw, C] -> [N, Ho, Wo, O]."""
+    """fdm_conv2d_nhwc: x [N, H, W, C], w_ohwi [O, kh, kw, C] -> [N, Ho, Wo, O]. C or O that are not multiples of
+    8 are zero-padded to one (extra input channels with zero weights add nothing; extra output channels are cut)."""
+    c, o = x.shape[3], w_ohwi.shape[0]
+    if c % 8:
+        x, w_ohwi = _pad_last(x, _round8(c)), _pad_last(w_ohwi, _round8(c))
+    if o % 8:
+        w_ohwi = _pad_first(w_ohwi, _round8(o))
+        bias = None if bias is None else _pad_first(bias, _round8(o))
+        return contiguous(_run_nhwc(x, w_ohwi, bias, stride, padding, ho, wo).narrow(3, 0, o))
     n, h, w, c = x.shape
     o, kh, kw, _ = w_ohwi.shape
     x, w_ohwi, bias = _aligned(x), _aligned(w_ohwi), _aligned(bias)
@@ -136,9 +170,14 @@ def _check_out(out: Tensor, like: Tensor, shape: tuple[int, ...]) -> None:
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0,
-           out: Tensor | None = None) -> Tensor:
+           out: Tensor | None = None, channels_last: bool = False) -> Tensor:
     """2-D cross-correlation as torch.nn.functional.conv2d (groups=1, dilation=1, symmetric zero padding).
-    x: [N, C, H, W], weight: [O, C, kh, kw], bias: [O] -> [N, O, Ho, Wo] (written into `out` when given)."""
+    x: [N, C, H, W], weight: [O, C, kh, kw], bias: [O] -> [N, O, Ho, Wo] (written into `out` when given).
+    channels_last=True: x [N, H, W, C], weight [O, kh, kw, C] -> [N, Ho, Wo, O] (no `out`)."""
+    if channels_last:
+        if out is not None:
+            raise InvalidArgumentError("ops.conv2d: out is not supported with channels_last=True")
+        return conv2d_nhwc(x, weight, bias, stride=stride, padding=padding, weight_layout="ohwi")
     stride, padding = _check_args(stride, padding)
     gpu_device("conv2d", x, weight, bias)
     check_float("conv2d", x)
@@ -199,7 +238,7 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: i
     if n * ho * wo == 0 or o == 0:
         return empty_like(x, (n, ho, wo, o))
     if not _implicit_ok(x.dtype, n, h, w, c, o, kh, kw, ho, wo):
-        # Rare shapes (RGB or 4-channel convs, float32): through NCHW and im2col.
+        # float32, filters over 32x32, images of 2 GiB or more: through NCHW and im2col.
         w_oihw = weight if weight_layout == "oihw" else permute(weight, (0, 3, 1, 2))
         y = conv2d_im2col(permute(x, (0, 3, 1, 2)), w_oihw, bias, stride=stride, padding=padding)
         return permute(y, (0, 2, 3, 1))

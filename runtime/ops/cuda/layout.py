@@ -110,15 +110,24 @@ def embedding(ids: Tensor, table: Tensor) -> Tensor:
     return out
 
 
-def upsample_nearest2x(x: Tensor) -> Tensor:
-    """Nearest-neighbour 2x upsampling of [N, C, H, W] -> [N, C, 2H, 2W], same dtype."""
+def upsample_nearest2x(x: Tensor, channels_last: bool = False) -> Tensor:
+    """Nearest-neighbour 2x upsampling of [N, C, H, W] -> [N, C, 2H, 2W] (channels_last: [N, H, W, C] ->
+    [N, 2H, 2W, C]), same dtype."""
     device = gpu_device("upsample_nearest2x", x)
     if not x.dtype.is_floating or x.itemsize not in (1, 2, 4):
         raise UnsupportedDtypeError(f"ops.upsample_nearest2x: x must be float32, float16, bfloat16 or fp8, got "
                                     f"{x.dtype.name}")
     if x.ndim != 4:
-        raise ShapeError(f"ops.upsample_nearest2x: x must be [N, C, H, W], got {x.shape}")
+        layout = "[N, H, W, C]" if channels_last else "[N, C, H, W]"
+        raise ShapeError(f"ops.upsample_nearest2x: x must be {layout}, got {x.shape}")
     x = contig(x)
+    if channels_last:
+        # A broadcast copy: every pixel (C contiguous values) lands in a 2x2 block; the copy kernel moves the
+        # pixel's channels in 16-byte pieces.
+        n, h, w, c = x.shape
+        y = empty_like(x, (n, 2 * h, 2 * w, c))
+        _copy(x.view(n, h, 1, w, 1, c).expand(n, h, 2, w, 2, c), y.view(n, h, 2, w, 2, c))
+        return y
     n, c, h, w = x.shape
     y = empty_like(x, (n, c, 2 * h, 2 * w))
     call("fdm_upsample_nearest2x", x.data_ptr, y.data_ptr, n * c * h, w, x.itemsize, stream(device))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ... import dtypes
+from ...cuda import Device
 from ...errors import InvalidArgumentError, ShapeError, UnsupportedDtypeError
 from ...tensor import Tensor, empty
 from ._common import (
@@ -22,6 +23,11 @@ from ._common import (
 # of 16 bytes, and pieces this small keep every SM busy on big images.
 _GROUP_CHUNK_BYTES = 32768
 _MAX_GRID_Y = 65535
+# Channels-last GroupNorm (nhwc_chunks): the most statistics blocks per SM over the whole launch (the kernel runs
+# one full wave of resident blocks, 3-6 per SM depending on the row width, so this only bounds the workspace), and
+# the least x a block reads, so its shared-memory reduction stays a small part of its time.
+_NHWC_MAX_BLOCKS_PER_SM = 8
+_NHWC_MIN_CHUNK_BYTES = 16384
 
 
 def _rows(x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
@@ -119,12 +125,15 @@ def _check_out(op: str, out: Tensor, x: Tensor) -> None:
 
 
 def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, num_groups: int,
-               eps: float = 1e-5, activation: str | None = None) -> Tensor:
-    """GroupNorm over x [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu"."""
+               eps: float = 1e-5, activation: str | None = None, channels_last: bool = False) -> Tensor:
+    """GroupNorm over x [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu".
+    channels_last=True: x is [N, *spatial, C] (kernels/group_norm_nhwc.cu)."""
     device = gpu_device("group_norm", x, weight, bias)
     check_float("group_norm", x)
     if activation not in (None, "silu"):
         raise InvalidArgumentError(f"ops.group_norm: activation must be None or 'silu', got {activation!r}")
+    if channels_last:
+        return _group_norm_nhwc(x, weight, bias, num_groups, eps, activation, device)
     if x.ndim < 2:
         raise ShapeError(f"ops.group_norm: x must be [N, C, *spatial], got {x.shape}")
     n, c = x.shape[:2]
@@ -149,6 +158,54 @@ def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     call("fdm_group_norm", x.data_ptr, weight.data_ptr if weight is not None else None,
          bias.data_ptr if bias is not None else None, y.data_ptr, ws.data_ptr, chunks, n, c, hw, num_groups,
          float(eps), int(activation == "silu"), x.dtype.code, stream(device))
+    return y
+
+
+def nhwc_chunks(n: int, s: int, row_bytes: int, sm_count: int) -> int:
+    """The most row chunks per sample (one statistics block each) fdm_group_norm_nhwc may use, which sizes its
+    workspace: _NHWC_MAX_BLOCKS_PER_SM blocks per SM over the batch, no chunk under _NHWC_MIN_CHUNK_BYTES of x
+    (tiny tensors get few blocks), never more chunks than rows or than the grid allows; with rpc = ceil(s / chunks)
+    rows each, ceil(s / rpc) of them (none empty). The kernel runs min(this, one wave of resident blocks)."""
+    want = -(-(_NHWC_MAX_BLOCKS_PER_SM * sm_count) // max(n, 1))
+    min_rows = max(1, -(-_NHWC_MIN_CHUNK_BYTES // max(row_bytes, 1)))
+    chunks = max(1, min(want, -(-s // min_rows), _MAX_GRID_Y))
+    rpc = -(-s // chunks)
+    return -(-s // rpc)
+
+
+def nhwc_workspace_elems(n: int, c: int, num_groups: int, chunks: int) -> int:
+    """float32 elements of fdm_group_norm_nhwc's workspace: per-chunk group statistics [N, G, chunks, 2], then
+    the per-channel scale, shift and reference [N, C] each (the formula kernels/group_norm_nhwc.cu checks)."""
+    return n * num_groups * chunks * 2 + 3 * n * c
+
+
+def _group_norm_nhwc(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float,
+                     activation: str | None, device: Device) -> Tensor:
+    """group_norm of channels-last x [N, *spatial, C]."""
+    if x.ndim < 2:
+        raise ShapeError(f"ops.group_norm: x must be [N, *spatial, C] (channels_last), got {x.shape}")
+    n, c = x.shape[0], x.shape[-1]
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise InvalidArgumentError(f"ops.group_norm: num_groups must be an int >= 1, got {num_groups!r}")
+    if c % num_groups:
+        raise ShapeError(f"ops.group_norm: {c} channels (the last dim of x [N, *spatial, C]) do not split into "
+                         f"{num_groups} groups")
+    if n > _MAX_GRID_Y:
+        raise ShapeError(f"ops.group_norm: batch {n} exceeds {_MAX_GRID_Y} for x [N, *spatial, C]; split the batch "
+                         "into smaller pieces")
+    weight = _vector("group_norm", weight, c, x, "weight")
+    bias = _vector("group_norm", bias, c, x, "bias")
+    x = contig(x)  # x: [N, S, C] with S the product of the spatial dims
+    y = empty_like(x)
+    if x.numel == 0:
+        return y
+    s = x.numel // (n * c)
+    chunks = nhwc_chunks(n, s, c * x.itemsize, device.multiprocessor_count)
+    ws_elems = nhwc_workspace_elems(n, c, num_groups, chunks)
+    ws = empty((ws_elems,), dtypes.float32, device)
+    call("fdm_group_norm_nhwc", x.data_ptr, weight.data_ptr if weight is not None else None,
+         bias.data_ptr if bias is not None else None, y.data_ptr, ws.data_ptr, ws_elems, chunks, n, s, c,
+         num_groups, float(eps), int(activation == "silu"), x.dtype.code, stream(device))
     return y
 
 

@@ -1,0 +1,376 @@
+// GroupNorm (+ SiLU) over channels-last activations: x [N, S, C] (S = product of the spatial dims, C contiguous),
+// C split into G groups of Cg = C / G consecutive channels; statistics per (sample, group) over S x Cg values.
+//
+// Three kernels, each a single streaming pass at memory bandwidth:
+//   stats:    grid (chunks, N). A block reads rows [r0, r0 + rpc) of one sample (every channel) with 16-byte loads
+//             along C and keeps per-CHANNEL (mean, M2) in registers: a thread stays on one column of V channels
+//             and walks the rows r0 + lane, r0 + lane + R, ... (R row lanes per column). Row lanes are merged per
+//             channel in shared memory, then the channels of each group are folded into the group's
+//             (mean, M2) for this chunk: stats [N, G, chunks, 2] in the workspace. Plain loads: the apply pass
+//             re-reads x, which for the 10-40 MB UNet tensors is still in the 50 MB L2.
+//   finalize: a warp per (sample, group) merges the group's chunks (Chan et al.) and writes per-channel
+//             scale a = rstd * w[c], shift b = bias[c] - (mean - k) * a and the reference k (below), float32
+//             [N, C] each, to the workspace.
+//   apply:    y = (x - k) * a + b (+ SiLU). A thread keeps one column (its V channels' k, a, b in registers) and
+//             walks rows; streaming (evict-first) loads and stores. Chunks run in the reverse of the stats order,
+//             so the first ones read are those the stats pass touched last (the likeliest still in L2).
+// A 16-byte pack may straddle two groups (Cg = 10, 4, ...): statistics are per channel until the group fold and
+// the apply pass is per channel, so group boundaries never need to be pack-aligned.
+// Statistics are float32 and never E[x^2] - E[x]^2: each thread takes exact two-pass moments of every tile of
+// kTile rows it holds in registers and merges them into its running (mean, M2) with Chan's formula; every later
+// combination (row lanes, channels of a group, chunks) is a Chan merge too. All of it is on x - k, k a reference
+// per (sample, group): its first value x[n, 0, g * Cg]. With a mean far from 0 (x = 1000 + randn) a float32 mean
+// near 1000 is only good to ~3e-5 absolute, and so would be y = x * a + b with b ~ -1000 a; x - k is exact there
+// (Sterbenz) and every float32 quantity after it is of the order of the spread of x.
+//
+// Workspace (float32, `ws_elems` elements, allocated by the caller; runtime/ops/cuda/norms.py computes the same
+// size):  ws_elems >= N * G * chunks * 2 + 3 * N * C
+//   [0, N*G*chunks*2)                 stats [N, G, chunks, 2] (mean of x - k, M2 of each chunk)
+//   [N*G*chunks*2, + N*C)             a [N, C]
+//   [N*G*chunks*2 + N*C, + N*C)       b [N, C]
+//   [N*G*chunks*2 + 2*N*C, + N*C)     k [N, C] (the reference of the channel's group)
+// `chunks` is the most row chunks per sample the caller allows (the workspace is sized for it). The kernel runs
+// min(chunks, one full wave of resident stats blocks / N) of rpc = ceil(S / that) rows, ceil(S / rpc) in all
+// (so none is empty).
+#include <type_traits>
+
+#include "vec.cuh"
+
+namespace fdm {
+namespace {
+
+constexpr int kThreads = 256;  // upper bound of every block here
+constexpr int kTile = 4;       // rows a thread loads (all in flight) before its math, stats and apply
+
+// How a block covers a row of C channels: `cols` packs of V channels, handled as `nslab` slabs of `ct` column
+// threads; R row lanes per column, so a block has ct * R active threads (rounded up to whole warps).
+struct RowShape {
+  int cols, ct, R, nslab, threads;
+  int fold_w;  // lanes folding one group's channels in the stats kernel (a power of two <= 32)
+};
+
+RowShape row_shape(int64_t C, int G, int V) {
+  RowShape s;
+  s.cols = static_cast<int>(C / V);
+  s.nslab = static_cast<int>(ceil_div(s.cols, kThreads));
+  s.ct = static_cast<int>(ceil_div(s.cols, s.nslab));  // even slabs: 320 packs -> 2 x 160, not 256 + 64
+  s.R = kThreads / s.ct;
+  s.threads = static_cast<int>(ceil_div(int64_t{s.ct} * s.R, 32) * 32);  // whole warps for the shuffles
+  s.fold_w = 1;  // as wide as still lets the block fold all G groups at once
+  while (s.fold_w < 32 && int64_t{s.fold_w} * 2 * G <= s.threads) s.fold_w *= 2;
+  return s;
+}
+
+// Count, mean and sum of squared deviations of a set of values; nmerge() combines two disjoint sets exactly.
+struct Mom {
+  float n, mean, m2;
+};
+
+__device__ __forceinline__ Mom nmerge(const Mom& a, const Mom& b) {
+  if (b.n == 0.f) return a;
+  if (a.n == 0.f) return b;
+  // Fast division: a weight off by an ulp or two changes nothing measurable.
+  const float n = a.n + b.n, fb = __fdividef(b.n, n), d = b.mean - a.mean;
+  return {n, fmaf(d, fb, a.mean), a.m2 + b.m2 + d * d * a.n * fb};
+}
+
+__device__ __forceinline__ Mom warp_nmerge(Mom m) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const Mom other{__shfl_xor_sync(0xffffffffu, m.n, o), __shfl_xor_sync(0xffffffffu, m.mean, o),
+                    __shfl_xor_sync(0xffffffffu, m.m2, o)};
+    m = nmerge(m, other);
+  }
+  // Lanes may differ in the last bits (merge order); take lane 0's so the whole warp agrees.
+  return {__shfl_sync(0xffffffffu, m.n, 0), __shfl_sync(0xffffffffu, m.mean, 0), __shfl_sync(0xffffffffu, m.m2, 0)};
+}
+
+// Rows of chunk k (all chunks but the last have rpc).
+__device__ __forceinline__ int64_t chunk_rows(int64_t S, int64_t rpc, int64_t k) {
+  const int64_t left = S - k * rpc;
+  return left < rpc ? left : rpc;
+}
+
+// Rows a thread of row lane `rl` visits among `nr`: rl, rl + R, ...
+__device__ __forceinline__ int64_t lane_rows(int64_t nr, int rl, int R) {
+  return rl < nr ? (nr - rl - 1) / R + 1 : 0;
+}
+
+// Dynamic shared memory of the stats kernel: red [R][ct * V] float2 (per-thread channel moments), chan [C] float2
+// (per-channel moments of the chunk), cnt [R] float (rows of each row lane).
+size_t stats_smem_bytes(const RowShape& s, int V, int64_t C) {
+  return (static_cast<size_t>(s.R) * s.ct * V + static_cast<size_t>(C)) * sizeof(float2) + s.R * sizeof(float);
+}
+
+// 3 blocks of 256 threads per SM at least (<= 85 registers; at 64 the bf16 kernel spills on sm_90a):
+// 3 x 256 x kTile x 16 B = 48 KB of loads in flight per SM, more than the ~30 KB a SM needs to keep HBM3 busy.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads, 3)
+gn_nhwc_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int64_t S, int64_t C, int G, int64_t rpc,
+                     int chunks, RowShape sh) {
+  extern __shared__ float2 smem[];
+  float2* red = smem;
+  float2* chan = red + sh.R * sh.ct * V;
+  float* cnt = reinterpret_cast<float*>(chan + C);
+  const int64_t n = blockIdx.y, r0 = int64_t(blockIdx.x) * rpc;
+  const int64_t nr = chunk_rows(S, rpc, blockIdx.x);  // >= 1: no chunk is empty
+  const int ci = threadIdx.x % sh.ct, rl = threadIdx.x / sh.ct;  // rl >= R: an idle thread (warp padding)
+  const bool lane_ok = rl < sh.R;
+  const int64_t my_rows = lane_ok ? lane_rows(nr, rl, sh.R) : 0;
+  if (lane_ok && ci == 0) cnt[rl] = static_cast<float>(my_rows);
+  const T* x0 = x + n * S * C;                           // row 0 of the sample: the references
+  const int64_t step = static_cast<int64_t>(sh.R) * C;  // elements between a thread's consecutive rows
+  const int slab_ch = sh.ct * V;                        // channels per slab
+  const int cg = static_cast<int>(C / G);               // channels per group (C < 2^24)
+
+  for (int slab = 0; slab < sh.nslab; ++slab) {
+    const int col = slab * sh.ct + ci;
+    float an = 0.f, mean[V], m2[V];  // of x - x[n, 0, c] (the channel's first value), per channel
+#pragma unroll
+    for (int e = 0; e < V; ++e) mean[e] = m2[e] = 0.f;
+    if (lane_ok && col < sh.cols) {
+      const Pack<T, V> ref = load_pack<T, V>(x0 + col * V);
+      const T* xp = x0 + (r0 + rl) * C + col * V;
+      for (int64_t left = my_rows; left > 0; left -= kTile, xp += kTile * step) {
+        const int nb = left < kTile ? static_cast<int>(left) : kTile;
+        Pack<T, V> p[kTile];
+#pragma unroll
+        for (int k = 0; k < kTile; ++k)
+          if (k < nb) p[k] = load_pack<T, V>(xp + k * step);  // apply re-reads x: keep it in L2
+        const float nbf = static_cast<float>(nb), inv_nb = __fdividef(1.f, nbf);
+        // Exact two-pass moments of the tile's nb values per channel, merged into the running ones. The counts
+        // are the same for all V channels, so the merge weights are computed once.
+        const float tot = an + nbf, fb = __fdividef(nbf, tot), coef = an * fb;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float k0 = to_f32(ref.v[e]);
+          float s = 0.f;
+#pragma unroll
+          for (int k = 0; k < kTile; ++k)
+            if (k < nb) s += to_f32(p[k].v[e]) - k0;
+          const float tm = s * inv_nb;
+          float q = 0.f;
+#pragma unroll
+          for (int k = 0; k < kTile; ++k)
+            if (k < nb) {
+              const float c = (to_f32(p[k].v[e]) - k0) - tm;
+              q = fmaf(c, c, q);
+            }
+          const float d = tm - mean[e];
+          mean[e] = fmaf(d, fb, mean[e]);
+          m2[e] += q + d * d * coef;
+        }
+        an = tot;
+      }
+    }
+    if (lane_ok) {
+      float2* r = red + rl * slab_ch + ci * V;
+#pragma unroll
+      for (int e = 0; e < V; ++e) r[e] = make_float2(mean[e], m2[e]);
+    }
+    __syncthreads();
+    // Merge the row lanes of each channel of this slab (channels past C belong to idle columns of the last slab),
+    // and move the channel's mean from its own reference x[n, 0, c] to its group's x[n, 0, g * Cg].
+    for (int c = threadIdx.x; c < slab_ch; c += blockDim.x) {
+      const int ch = slab * slab_ch + c;
+      if (ch >= C) break;
+      Mom m{0.f, 0.f, 0.f};
+      for (int r = 0; r < sh.R; ++r) {
+        const float2 v = red[r * slab_ch + c];
+        m = nmerge(m, Mom{cnt[r], v.x, v.y});
+      }
+      chan[ch] = make_float2(m.mean + (to_f32(x0[ch]) - to_f32(x0[ch - ch % cg])), m.m2);
+    }
+    __syncthreads();  // red is rewritten by the next slab; chan is read below
+  }
+
+  // Fold each group's channels (all with the chunk's nr values): mean of the means, and
+  // M2 = sum M2_c + nr * sum (mean_c - mean)^2. fold_w lanes per group, as many groups at once as the block
+  // holds (32 groups of 10 channels: 8 lanes each); blockDim is a multiple of 32 and every lane runs the same
+  // trip count, so the shuffles see full warps.
+  const int fw = sh.fold_w, sub = threadIdx.x / fw, lane = threadIdx.x % fw, nsub = blockDim.x / fw;
+  const float rows = static_cast<float>(nr), inv_cg = 1.f / static_cast<float>(cg);
+  for (int g0 = 0; g0 < G; g0 += nsub) {
+    const int g = g0 + sub;
+    const int end = g < G ? cg : 0;  // lanes past the last group add nothing but still shuffle
+    const float2* gch = chan + (g < G ? g : 0) * cg;
+    float s = 0.f;
+#pragma unroll 4
+    for (int c = lane; c < end; c += fw) s += gch[c].x;
+    const float gmean = group_sum(s, fw) * inv_cg;
+    float q = 0.f;
+#pragma unroll 4
+    for (int c = lane; c < end; c += fw) {
+      const float2 v = gch[c];
+      const float d = v.x - gmean;
+      q += fmaf(rows * d, d, v.y);
+    }
+    q = group_sum(q, fw);
+    if (g < G && lane == 0) {
+      float* o = stats + ((n * G + g) * chunks + blockIdx.x) * 2;
+      o[0] = gmean;
+      o[1] = q;
+    }
+  }
+}
+
+// grid (ceil(G / 8), N), 256 threads: a warp per (sample, group). Writes k, a, b [N, C] (see the top).
+template <typename T>
+__global__ void __launch_bounds__(256)
+gn_nhwc_finalize_kernel(const T* __restrict__ x, const float* __restrict__ stats, const T* __restrict__ w,
+                        const T* __restrict__ bias, float* __restrict__ a, float* __restrict__ b,
+                        float* __restrict__ k, int64_t S, int64_t C, int G, int64_t rpc, int chunks, float eps) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t g = int64_t(blockIdx.x) * 8 + warp, n = blockIdx.y;
+  if (g >= G) return;  // a whole warp
+  const int64_t Cg = C / G;
+  const float* st = stats + (n * G + g) * chunks * 2;
+  Mom m{0.f, 0.f, 0.f};
+  // Unrolled so the loads of several chunks are in flight at once (a few hundred chunks a sample at most).
+#pragma unroll 8
+  for (int j = lane; j < chunks; j += 32)
+    m = nmerge(m, Mom{static_cast<float>(chunk_rows(S, rpc, j) * Cg), st[2 * j], st[2 * j + 1]});
+  m = warp_nmerge(m);  // m.mean: mean of x - k
+  const float inv_count = static_cast<float>(1.0 / (static_cast<double>(S) * static_cast<double>(Cg)));
+  const float rstd = rsqrtf(fmaxf(m.m2 * inv_count, 0.f) + eps);
+  const float ref = to_f32(x[n * S * C + g * Cg]);
+  for (int64_t c = lane; c < Cg; c += 32) {
+    const int64_t ch = g * Cg + c, o = n * C + ch;
+    const float av = rstd * (w ? to_f32(w[ch]) : 1.f);
+    a[o] = av;
+    b[o] = fmaf(-m.mean, av, bias ? to_f32(bias[ch]) : 0.f);
+    k[o] = ref;
+  }
+}
+
+// grid (nslab, chunks, N) walked in reverse chunk and sample order; blockDim = sh.threads.
+template <typename T, int V, bool kSilu>
+__global__ void __launch_bounds__(kThreads)
+gn_nhwc_apply_kernel(const T* __restrict__ x, const float* __restrict__ a, const float* __restrict__ b,
+                     const float* __restrict__ k, T* __restrict__ y, int64_t S, int64_t C, int64_t rpc, RowShape sh) {
+  const int64_t chunk = gridDim.y - 1 - blockIdx.y, n = gridDim.z - 1 - blockIdx.z;
+  const int ci = threadIdx.x % sh.ct, rl = threadIdx.x / sh.ct;
+  const int col = blockIdx.x * sh.ct + ci;
+  if (rl >= sh.R || col >= sh.cols) return;  // no barriers below
+  const int64_t my_rows = lane_rows(chunk_rows(S, rpc, chunk), rl, sh.R);
+  if (my_rows == 0) return;
+  // This thread's channels' reference, scale and shift, in registers for all its rows.
+  float sk[V], sa[V], sb[V];
+  const int64_t c0 = n * C + col * V;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    sk[e] = k[c0 + e];
+    sa[e] = a[c0 + e];
+    sb[e] = b[c0 + e];
+  }
+  const int64_t off = (n * S + chunk * rpc + rl) * C + col * V;
+  const T* xp = x + off;
+  T* yp = y + off;
+  const int64_t step = static_cast<int64_t>(sh.R) * C;
+  for (int64_t left = my_rows; left > 0; left -= kTile, xp += kTile * step, yp += kTile * step) {
+    const int nb = left < kTile ? static_cast<int>(left) : kTile;
+    Pack<T, V> p[kTile];
+#pragma unroll
+    for (int j = 0; j < kTile; ++j)
+      if (j < nb) p[j] = load_pack_cs<T, V>(xp + j * step);  // last use of x
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) {
+      if (j >= nb) break;
+      Pack<T, V> out;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        float v = fmaf(to_f32(p[j].v[e]) - sk[e], sa[e], sb[e]);
+        if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
+        out.v[e] = from_f32<T>(v);
+      }
+      store_pack_cs<T, V>(yp + j * step, out);
+    }
+  }
+}
+
+template <typename T, int V>
+int launch_gn_nhwc(const void* x, const void* w, const void* bias, void* y, float* ws, int chunks, int64_t N,
+                   int64_t S, int64_t C, int G, float eps, bool silu_act, cudaStream_t stream) {
+  const RowShape sh = row_shape(C, G, V);
+  const size_t smem = stats_smem_bytes(sh, V, C);
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev)) return static_cast<int>(e);
+  if (smem > 48 * 1024) {  // wide rows (C above ~4000): needs the opt-in shared memory size
+    int optin = 0;
+    if (cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev))
+      return static_cast<int>(e);
+    if (smem > static_cast<size_t>(optin))
+      return arg_error("fdm_group_norm_nhwc: %lld channels need %zu bytes of shared memory, the GPU allows %d",
+                       (long long)C, smem, optin);
+    if (cudaError_t e = cudaFuncSetAttribute(gn_nhwc_stats_kernel<T, V>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)))
+      return static_cast<int>(e);
+  }
+  // Chunks: one full wave of resident statistics blocks over the batch (every block the same size, so all SMs
+  // finish together and there is a single reduction epilogue per block slot), at most the caller's `chunks`.
+  int occ = 0, sms = 0;
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, gn_nhwc_stats_kernel<T, V>, sh.threads,
+                                                                    smem))
+    return static_cast<int>(e);
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) return static_cast<int>(e);
+  const int64_t wave = int64_t{occ > 1 ? occ : 1} * sms / N;
+  const int64_t want = wave < 1 ? 1 : (wave < chunks ? wave : chunks);
+  const int64_t rpc = ceil_div(S, want);
+  const int eff = static_cast<int>(ceil_div(S, rpc));  // chunks launched, all non-empty, <= want <= chunks
+  float* stats = ws;
+  float* a = ws + N * G * static_cast<int64_t>(chunks) * 2;
+  float* b = a + N * C;
+  float* k = b + N * C;
+
+  const T* xt = static_cast<const T*>(x);
+  T* yt = static_cast<T*>(y);
+  // The stats region is indexed with the launched chunk count (<= the requested one the workspace was sized for).
+  gn_nhwc_stats_kernel<T, V><<<dim3(eff, static_cast<unsigned>(N)), sh.threads, smem, stream>>>(xt, stats, S, C, G,
+                                                                                                 rpc, eff, sh);
+  gn_nhwc_finalize_kernel<T><<<dim3(static_cast<unsigned>(ceil_div(G, 8)), static_cast<unsigned>(N)), 256, 0,
+                               stream>>>(xt, stats, static_cast<const T*>(w), static_cast<const T*>(bias), a, b, k,
+                                         S, C, G, rpc, eff, eps);
+  const dim3 grid(sh.nslab, eff, static_cast<unsigned>(N));
+  if (silu_act)
+    gn_nhwc_apply_kernel<T, V, true><<<grid, sh.threads, 0, stream>>>(xt, a, b, k, yt, S, C, rpc, sh);
+  else
+    gn_nhwc_apply_kernel<T, V, false><<<grid, sh.threads, 0, stream>>>(xt, a, b, k, yt, S, C, rpc, sh);
+  return launch_status();
+}
+
+}  // namespace
+}  // namespace fdm
+
+using namespace fdm;
+
+// GroupNorm over channels-last x [N, S, C] (contiguous; S = product of the spatial dims), per-channel affine w, b
+// ([C] or null), then SiLU when silu != 0; y: same shape as x. ws: float32 workspace of ws_elems elements,
+// at least N * G * chunks * 2 + 3 * N * C (layout at the top of this file). `chunks`: the most row chunks per
+// sample for the statistics pass, in [1, 65535] (fewer run when one wave of blocks needs fewer).
+FDM_API int fdm_group_norm_nhwc(const void* x, const void* w, const void* b, void* y, void* ws, int64_t ws_elems,
+                                int chunks, int64_t N, int64_t S, int64_t C, int G, float eps, int silu, int dtype,
+                                cudaStream_t stream) {
+  if (N < 0 || S < 0 || C < 0)
+    return arg_error("fdm_group_norm_nhwc: negative size (N=%lld, S=%lld, C=%lld)", (long long)N, (long long)S,
+                     (long long)C);
+  if (G < 1 || C % G != 0)
+    return arg_error("fdm_group_norm_nhwc: %lld channels do not split into %d groups", (long long)C, G);
+  if (chunks < 1 || chunks > 65535) return arg_error("fdm_group_norm_nhwc: chunks %d not in [1, 65535]", chunks);
+  if (N > 65535) return arg_error("fdm_group_norm_nhwc: batch %lld exceeds 65535", (long long)N);
+  if (N == 0 || S == 0 || C == 0) return 0;
+  if (!x || !y || !ws) return arg_error("fdm_group_norm_nhwc: x, y and ws are required");
+  // Bounds every product below (N*G*chunks*2 < 2^57) and the int column counts.
+  if (C > (int64_t{1} << 24)) return arg_error("fdm_group_norm_nhwc: %lld channels is too many", (long long)C);
+  const int64_t need = N * G * static_cast<int64_t>(chunks) * 2 + 3 * N * C;
+  if (ws_elems < need)
+    return arg_error("fdm_group_norm_nhwc: workspace of %lld floats is smaller than N*G*chunks*2 + 3*N*C = %lld",
+                     (long long)ws_elems, (long long)need);
+  FDM_DISPATCH_FLOAT(dtype, {
+    using T = scalar_t;
+    constexpr int V = vec16<T>();
+    const bool vec = C % V == 0 && aligned16(x) && aligned16(y);
+    auto wsf = static_cast<float*>(ws);
+    return vec ? launch_gn_nhwc<T, V>(x, w, b, y, wsf, chunks, N, S, C, G, eps, silu != 0, stream)
+               : launch_gn_nhwc<T, 1>(x, w, b, y, wsf, chunks, N, S, C, G, eps, silu != 0, stream);
+  });
+  return 0;
+}

@@ -79,12 +79,16 @@ constexpr Sm90Winner kSm90Winners[] = {
     {4608, 3072, 12288, 16, 5},   // mlp down: 0.466 vs 0.453; gated 0.488 vs 0.516 (linear + add)
     {4608, 3072, 15360, 16, 8},   // single-block out: 0.564 vs 0.580; gated 0.609 vs 0.636
     {4608, 3072, 3072, 14, 14},   // attention out: 0.118 vs 0.112; gated 0.121 vs 0.170
-    // SDXL 1024x1024, batch 2 (CFG)
-    {8192, 5120, 640, 12, -1},    // 64x64 ff up: 0.089 vs 0.103
-    {2048, 10240, 1280, 13, -1},  // 32x32 ff up: 0.074 vs 0.074
-    {2048, 1280, 5120, 11, -1},   // 32x32 ff down: 0.047 vs 0.036
-    {8192, 640, 640, 12, -1},     // 64x64 attention projections: 0.019 vs 0.017
-    {2048, 1280, 1280, 16, -1},   // 32x32 attention projections: 0.020 vs 0.012
+    // SDXL 1024x1024, batch 2 (CFG); re-swept 2026-11-26 with the coop 128x160 configurations. Gated: the UNet's
+    // residual projections (gate = ones, batch folded into the rows)
+    {8192, 5120, 640, 12, -1},    // 64x64 ff up: 0.090 vs 0.082
+    {2048, 10240, 1280, 13, -1},  // 32x32 ff up: 0.076 vs 0.076
+    {2048, 1280, 5120, 11, 10},   // 32x32 ff down: 0.047 vs 0.036; gated 0.049 vs 0.051 (linear + add)
+    {8192, 640, 640, 12, 12},     // 64x64 attention projections: 0.019 vs 0.013; gated 0.021 vs 0.036
+    {2048, 1280, 1280, 17, 12},   // 32x32 attention projections: 0.020 vs 0.012; gated 0.020 vs 0.024
+    {2048, 3840, 1280, 12, -1},   // 32x32 qkv: 0.033 vs 0.031
+    {8192, 1920, 640, 14, -1},    // 64x64 qkv: 0.040 vs 0.036
+    {8192, 640, 2560, 12, 12},    // 64x64 ff down: 0.047 vs 0.038; gated 0.047 vs 0.060
     // Wan2.2-TI2V-5B 704x1280x121
     {27280, 14336, 3072, 14, -1},  // ff up: 3.652 vs 3.483
     {27280, 3072, 14336, 16, -1},  // ff down: 3.522 vs 3.447

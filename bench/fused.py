@@ -162,6 +162,21 @@ def group_norm_silu(bench: Bench) -> None:
                [lambda x=x: ops.group_norm(x, 32, fw, fb, eps=1e-6, activation="silu") for x in map(fd, sets)])
 
 
+def group_norm_silu_nhwc(bench: Bench) -> None:
+    """Channels-last GroupNorm + SiLU (kernels/group_norm_nhwc.cu) at SDXL UNet and VAE sizes, vs torch's
+    channels_last group_norm + silu."""
+    for shape in [(2, 128, 128, 320), (2, 32, 32, 1280), (1, 256, 256, 512)]:  # [N, H, W, C]
+        numel, c = math.prod(shape), shape[-1]
+        w, b = bf16(c), bf16(c)
+        fw, fb = fd(w), fd(b)
+        sets = copies(lambda shape=shape: bf16(*shape), numel * 2)
+        as_cl = [x.permute(0, 3, 1, 2) for x in sets]  # torch sees NCHW sizes with channels_last strides
+        bench.case(f"group_norm+silu channels-last {list(shape)}", 2 * numel * 2,
+                   [lambda x=x, w=w, b=b: F.silu(F.group_norm(x, 32, w, b, eps=1e-5)) for x in as_cl],
+                   [lambda x=x, fw=fw, fb=fb: ops.group_norm(x, 32, fw, fb, eps=1e-5, activation="silu",
+                                                             channels_last=True) for x in map(fd, sets)])
+
+
 def rms_norm_heads(bench: Bench) -> None:
     shape = (1, 4608, 24, 128)
     numel = math.prod(shape)
@@ -214,8 +229,8 @@ def qk_norm_rope(bench: Bench) -> None:
                baseline_is_fastdm=True)
 
 
-CASES = {"ln_mod": layer_norm_modulate, "geglu": gelu_mul, "group_norm": group_norm_silu, "rms_norm": rms_norm_heads,
-         "qk_norm_rope": qk_norm_rope}
+CASES = {"ln_mod": layer_norm_modulate, "geglu": gelu_mul, "group_norm": group_norm_silu,
+         "group_norm_nhwc": group_norm_silu_nhwc, "rms_norm": rms_norm_heads, "qk_norm_rope": qk_norm_rope}
 
 
 def main():

@@ -68,7 +68,7 @@ int activation_dispatch(const void* x, void* y, int64_t n, int act, cudaStream_t
 constexpr int kGegluThreads = 256, kGegluPacks = 4;
 
 template <typename T, int V, bool kTanh, typename I>
-__global__ void __launch_bounds__(kGegluThreads)
+__global__ void __launch_bounds__(kGegluThreads, 3)
 gelu_mul_kernel(const T* __restrict__ x, T* __restrict__ y, I n, I nvec, I total) {
   constexpr int U = kGegluPacks;
   const I step = static_cast<I>(gridDim.x) * (kGegluThreads * U);

@@ -155,7 +155,7 @@ def _pipeline_one(impl: str, folder: Path, steps: int, size: int) -> dict:
         torch.cuda.synchronize()
         return {"load_s": load, "total_s": time.perf_counter() - t0,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    from fastdm.runtime import cuda, graphs, memory
+    from fastdm.runtime import cuda
 
     import fastdm
 
@@ -164,16 +164,13 @@ def _pipeline_one(impl: str, folder: Path, steps: int, size: int) -> dict:
     load = time.perf_counter() - t0
     pipe(**{**kw, "num_inference_steps": 2}, output_type="np")
     cuda.current_stream().synchronize()
-    memory.allocator().reset_peak()
-    graphs.reset_graph_memory_peak()
     t0 = time.perf_counter()
     pipe(**kw, seed=0, output_type="np")
     cuda.current_stream().synchronize()
     total = time.perf_counter() - t0
-    # The UNet's activations live in CUDA-graph memory while its graph replays (trimmed before the VAE runs):
-    # pool peak + graph-memory peak is an upper bound of what the process held at once.
-    peak = memory.memory_stats().peak + graphs.graph_memory_used(peak=True)
-    return {"load_s": load, "total_s": total, "peak_gib": peak / 2**30}
+    # The pipeline's own count: allocator peak + CUDA-graph memory peak (the UNet's activations while its graph
+    # replays), an upper bound of what the process held at once.
+    return {"load_s": load, "total_s": total, "peak_gib": pipe.timings.peak_memory_bytes / 2**30}
 
 
 def bench_pipeline(folder: Path, steps: int, size: int) -> None:

@@ -245,13 +245,23 @@ class Pipeline:
         self.dtype = dtype
         self.timings = Timings()
 
-    def _memory(self):
-        """The device's allocator, for peak-memory accounting of a call; None on the CPU."""
+    def _start_peak_memory(self) -> bool:
+        """Restart the GPU's peak-memory counters for a call; False on the CPU (nothing to count)."""
         if self.device.type != "cuda":
-            return None
-        from ...runtime import memory
+            return False
+        from ...runtime import graphs, memory
 
-        return memory.allocator(self.device)
+        memory.allocator(self.device).reset_peak()
+        graphs.reset_graph_memory_peak(self.device)
+        return True
+
+    def _peak_memory(self) -> int:
+        """Bytes at the busiest moment since _start_peak_memory: the allocator's peak plus the peak of CUDA-graph
+        memory (a replayed graph's activations are graph allocations, outside the allocator). The two peaks may
+        fall at different moments (the pipelines trim graph memory before decoding), so this is an upper bound."""
+        from ...runtime import graphs, memory
+
+        return memory.allocator(self.device).stats().peak + graphs.graph_memory_used(self.device, peak=True)
 
 
 from .flux import FluxPipeline  # noqa: E402  (these subclass Pipeline, defined above)

@@ -369,9 +369,7 @@ class StableDiffusionXLPipeline(Pipeline):
         cfg = float(guidance_scale) > 1.0  # diffusers' do_classifier_free_guidance
         t = self.timings
         t.encode_s, t.step_s, t.decode_s, t.total_s, t.peak_memory_bytes = 0.0, [], 0.0, 0.0, None
-        stats = self._memory()
-        if stats is not None:
-            stats.reset_peak()
+        counting = self._start_peak_memory()
         total, watch = Stopwatch(self.device), Stopwatch(self.device)
 
         embeds, pooled = self.encode_prompt(prompt, prompt_2, negative_prompt, negative_prompt_2,
@@ -411,8 +409,8 @@ class StableDiffusionXLPipeline(Pipeline):
             out = to_pil(images) if output_type == "pil" else to_numpy(images)
             t.decode_s = watch.lap()
         t.total_s = total.lap()
-        if stats is not None:
-            t.peak_memory_bytes = stats.stats().peak
+        if counting:
+            t.peak_memory_bytes = self._peak_memory()
         return out
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 
 from . import cuda
@@ -124,12 +125,14 @@ class _Entry:
 
 class CapturedCall:
     """fn(*tensors) -> Tensor, replayed from a CUDA graph per input signature (see the module docstring). Inputs
-    must be contiguous GPU tensors on one device; the result is a new tensor on every call."""
+    must be contiguous GPU tensors on one device; the result is a new tensor on every call. At most `max_graphs`
+    signatures keep a graph (the least recently used one is dropped: a process that renders many image sizes does
+    not accumulate graphs)."""
 
-    def __init__(self, fn: Callable[..., Tensor], name: str = "forward"):
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable[..., Tensor], name: str = "forward", max_graphs: int = 4):
+        self.fn, self.name, self.max_graphs = fn, name, max_graphs
         self._out_spec: dict[tuple, tuple] = {}  # signature -> (shape, dtype) of fn's result, from the eager call
-        self._entries: dict[tuple, _Entry] = {}
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         if not all(isinstance(t, Tensor) and t.is_cuda and t.is_contiguous() for t in inputs):
@@ -143,6 +146,9 @@ class CapturedCall:
                 self._out_spec[key] = (y.shape, y.dtype)
                 return y
             entry = self._entries[key] = self._capture(inputs, *self._out_spec[key])
+            while len(self._entries) > self.max_graphs:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
         for static, t in zip(entry.inputs, inputs, strict=True):
             _copy_into(static, t)
         entry.graph.replay()

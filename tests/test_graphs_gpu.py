@@ -45,6 +45,15 @@ def test_capture_replays_eager_results_with_fresh_inputs():
     assert len(call._entries) == 2
 
 
+def test_least_recently_used_graphs_are_dropped():
+    call = graphs.CapturedCall(lambda x: ops.mul(x, 3.0), "triple", max_graphs=2)
+    for n in (2, 3, 4, 2):  # each size: an eager call, then a captured one
+        for _ in range(2):
+            x = _gpu(np.full((n, 8), float(n)), "float32")
+            assert np.all(_host(call(x)) == 3.0 * n)
+    assert len(call._entries) == 2 and [k[0][0] for k in call._entries] == [(4, 8), (2, 8)]
+
+
 def test_results_are_not_overwritten_by_the_next_replay():
     call = graphs.CapturedCall(lambda x: ops.mul(x, 2.0), "double")
     outs = [call(_gpu(np.full((4, 8), float(i)), "float32")) for i in range(4)]

@@ -20,10 +20,7 @@ import argparse
 import ctypes
 import importlib.util
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch  # bench/ is the baseline side: torch is allowed here
@@ -32,6 +29,9 @@ from fastdm.runtime import cuda, memory, ops
 from fastdm.runtime.dlpack import from_dlpack
 
 from fastdm import kernels as fdm_kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import device_ms  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,29 +61,6 @@ GATED = {"flux attn out 3072->3072", "flux mlp 12288->3072", "flux single out 15
 GELU = {"flux mlp 3072->12288"}
 SM90_PATH = 1
 MAX_REL_L2 = 2e-2  # vs torch's bf16 output: both round to bf16, so about an ulp apart
-
-
-def device_ms(fn: Callable[[], object], reps: int, batches: int) -> float:
-    """Median device milliseconds per call of fn() (see the module docstring), on torch's current stream."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host_s = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    spin_cycles = int(max(2.0 * host_s, 1e-3) * 2.0e9)  # > the host's issue time at up to 2 GHz
-    times = []
-    for _ in range(batches):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(spin_cycles)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
 
 
 def config_names(lib) -> list[str]:

@@ -47,6 +47,57 @@ def time_torch(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> fl
     return statistics.median(times)
 
 
+def device_ms(fn: Callable[[], object], reps: int = 20, batches: int = 5) -> float:
+    """Median device milliseconds per call of fn(), run `reps` times back to back on torch's current stream behind a
+    GPU spin long enough for the host to queue them all: the kernels' own time, as in a model forward whose host
+    runs ahead of the GPU (Python and launch overhead stay out). fastdm work must be on the same stream
+    (`same_stream()`)."""
+    import time
+
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    spin_cycles = int(max(2.0 * host_s, 1e-3) * 2.0e9)  # > the host's issue time at up to 2 GHz
+    times = []
+    for _ in range(batches):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(spin_cycles)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def same_stream():
+    """A context in which torch's current stream and fastdm's current stream are one new stream (for device_ms)."""
+    import contextlib
+
+    import torch
+    from fastdm.runtime import cuda
+
+    @contextlib.contextmanager
+    def ctx():
+        stream = torch.cuda.Stream()
+        prev = torch.cuda.current_stream()
+        torch.cuda.set_stream(stream)
+        try:
+            with cuda.use_stream(cuda.Stream.from_handle(stream.cuda_stream)):
+                yield stream
+        finally:
+            torch.cuda.set_stream(prev)
+
+    return ctx()
+
+
 def card_ceilings() -> dict[str, float]:
     """Measured device-to-device copy bandwidth (GB/s, read+write) and cuBLAS bf16 rate (TFLOP/s) via torch."""
     import torch

@@ -120,3 +120,11 @@ def test_sdxl_unet_graph_equals_eager():
         model._body = graphed
         assert np.array_equal(got, want), f"step {step}"
     assert len(model._body._entries) == 1
+
+
+def test_environment_switch_makes_the_gpu_unet_eager(monkeypatch):
+    from fastdm.models.denoisers.unet2d import UNet2DCondition
+
+    monkeypatch.setenv("FASTDM_CUDA_GRAPHS", "0")
+    model = UNet2DCondition.from_pretrained(FIXTURES / "sdxl_unet_tiny", device="cuda", dtype="bfloat16")
+    assert not isinstance(model._body, graphs.CapturedCall)

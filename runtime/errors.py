@@ -39,3 +39,8 @@ class ModelLayoutError(FastdmError):
 
 class InvalidArgumentError(FastdmError, ValueError):
     """An option has a value the operation does not accept (unknown activation, stride < 1, ...)."""
+
+
+class CaptureError(FastdmError):
+    """Work could not be recorded into a CUDA graph (it synchronised, copied from pageable host memory, kept a
+    tensor it allocated during the capture, ...). Run it eagerly: set FASTDM_CUDA_GRAPHS=0."""

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from . import cuda
 from .cuda import _drv
-from .errors import CudaError, FastdmError
+from .errors import CaptureError, CudaError, FastdmError
 from .memory import allocator
 from .tensor import Tensor, empty
 
@@ -33,11 +33,6 @@ from .tensor import Tensor, empty
 def graphs_enabled() -> bool:
     """Whether models capture CUDA graphs: on unless the environment sets FASTDM_CUDA_GRAPHS=0."""
     return os.environ.get("FASTDM_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-class CaptureError(FastdmError):
-    """The function could not be captured into a CUDA graph (it synchronised, copied from pageable host memory,
-    ...). Run it eagerly: set FASTDM_CUDA_GRAPHS=0."""
 
 
 class Graph:
@@ -110,7 +105,10 @@ class Graph:
 
 
 def _signature(tensors: tuple[Tensor, ...]) -> tuple:
-    return tuple((t.shape, t.dtype.name, t.device.index, t.strides) for t in tensors)
+    """What a graph is specific to: the inputs' shapes, dtypes, device and strides, and the stream it runs on (its
+    input copies and its replay are ordered on that stream)."""
+    stream = cuda.current_stream(tensors[0].device).handle if tensors else 0
+    return tuple((t.shape, t.dtype.name, t.device.index, t.strides) for t in tensors) + (stream,)
 
 
 def _copy_into(dst: Tensor, src: Tensor) -> None:

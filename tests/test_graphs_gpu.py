@@ -128,3 +128,18 @@ def test_environment_switch_makes_the_gpu_unet_eager(monkeypatch):
     monkeypatch.setenv("FASTDM_CUDA_GRAPHS", "0")
     model = UNet2DCondition.from_pretrained(FIXTURES / "sdxl_unet_tiny", device="cuda", dtype="bfloat16")
     assert not isinstance(model._body, graphs.CapturedCall)
+
+
+def test_another_stream_gets_its_own_graph():
+    call = graphs.CapturedCall(lambda x: ops.add(x, 1.0), "plus_one")
+    x = _gpu(np.zeros((4, 8)), "float32")
+    for _ in range(3):
+        assert np.all(_host(call(x)) == 1.0)
+    side = cuda.Stream()
+    with cuda.use_stream(side):
+        for i in range(3):
+            y = _gpu(np.full((4, 8), float(i)), "float32")
+            out = call(y)
+            side.synchronize()
+            assert np.all(_host(out) == i + 1.0)
+    assert len(call._entries) == 2

@@ -51,6 +51,11 @@ EXTRA_SHAPES = {  # name: (M, K, N)
     "sdxl 32x32 qkv 1280->3840": (2048, 1280, 3840),
     "sdxl 64x64 qkv 640->1920": (8192, 640, 1920),
     "sdxl 64x64 ff down 2560->640": (8192, 2560, 640),
+    # SDXL at 832x1216 (a common portrait size): no measured winners, so these check the rules of sm90_rule
+    "sdxl 832x1216 26x38 attn proj 1280->1280": (1976, 1280, 1280),
+    "sdxl 832x1216 26x38 qkv 1280->3840": (1976, 1280, 3840),
+    "sdxl 832x1216 26x38 ff down 5120->1280": (1976, 5120, 1280),
+    "sdxl 832x1216 52x76 ff down 2560->640": (7904, 2560, 640),
 }
 # Shapes also timed as linear_gated_residual (FLUX's output projections, batch 1: one fused launch; the SDXL UNet's
 # residual projections, whose gate is ones).

@@ -11,54 +11,21 @@ import zlib
 import ml_dtypes
 import numpy as np
 import pytest
-from fastdm.runtime import cuda, memory
+from fastdm.runtime import cuda
 from fastdm.runtime.errors import ShapeError, UnsupportedDtypeError
 from fastdm.runtime.ops import cpu
 from fastdm.runtime.tensor import Tensor
+from gpu_ops import DTYPES, NP, gpu, oc, poisoned, rand
 from numerics import TOL, randn, rel_l2
 
 pytestmark = pytest.mark.gpu
 
-NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-DTYPES = list(NP)
 ROWS_D = [(1, 64), (3, 3072), (3, 3073), (4097, 64), (4097, 3073), (33, 65), (5, 1)]
 
 
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
-
-
-def oc():
-    """runtime.ops.cuda, imported only where a GPU test runs (it needs the kernel library)."""
-    from fastdm.runtime.ops import cuda as ops_cuda
-
-    return ops_cuda
-
-
-def gpu(a: np.ndarray) -> Tensor:
-    return Tensor.from_numpy(np.ascontiguousarray(a), device="cuda")
-
-
-def rand(rng, dtype: str, *shape, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
-    return (randn(rng, *shape, scale=scale) + np.float32(shift)).astype(NP[dtype])
-
-
-def poisoned(fn, *args, **kwargs):
-    """fn(*args, **kwargs) right after the pool's free memory (a block the size of all tensor arguments, times
-    three, at least 4 MiB) was filled with 0xFF bytes: NaN in every float type, so unwritten outputs show."""
-    nbytes = 0
-    for a in list(args) + list(kwargs.values()):
-        for t in a if isinstance(a, (list, tuple)) else [a]:
-            if isinstance(t, Tensor):
-                nbytes += t.nbytes
-    nbytes = max(3 * nbytes, 1 << 22)
-    dev = cuda.current_device()
-    stream = cuda.current_stream(dev)
-    buf = memory.allocator(dev).alloc(nbytes, stream)
-    cuda.memset_d8(buf.ptr, 0xFF, nbytes, stream)
-    buf.free()
-    return fn(*args, **kwargs)
 
 
 def check(out: Tensor, ref: np.ndarray, dtype: str) -> None:

@@ -10,19 +10,17 @@ leave unwritten (output or workspace) comes back NaN, and rel_l2 turns any NaN i
 
 import zlib
 
-import ml_dtypes
 import numpy as np
 import pytest
-from fastdm.runtime import cuda, memory, ops
+from fastdm.runtime import cuda, ops
 from fastdm.runtime.errors import CudaError, ShapeError
 from fastdm.runtime.ops import cpu
 from fastdm.runtime.tensor import Tensor
-from numerics import TOL, randn, rel_l2
+from gpu_ops import DTYPES, gpu, oc, poisoned, rand
+from numerics import TOL, rel_l2
 
 pytestmark = pytest.mark.gpu
 
-NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-DTYPES = list(NP)
 
 # (shape [N, *spatial, C], groups)
 SMALL = [((3, 5, 7, 24), 6), ((2, 9, 11, 12), 4), ((2, 50, 64), 8), ((1, 1, 1, 32), 32), ((4, 3, 40), 4),
@@ -39,38 +37,6 @@ def ids(cases):
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
-
-
-def oc():
-    """runtime.ops.cuda, imported only where a GPU test runs (it needs the kernel library)."""
-    from fastdm.runtime.ops import cuda as ops_cuda
-
-    return ops_cuda
-
-
-def gpu(a: np.ndarray) -> Tensor:
-    return Tensor.from_numpy(np.ascontiguousarray(a), device="cuda")
-
-
-def rand(rng, dtype: str, *shape, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
-    return (randn(rng, *shape, scale=scale) + np.float32(shift)).astype(NP[dtype])
-
-
-def poisoned(fn, *args, **kwargs):
-    """fn(*args, **kwargs) right after the pool's free memory (a block the size of all tensor arguments, times
-    three, at least 4 MiB) was filled with 0xFF bytes: NaN in every float type, so unwritten outputs and workspace
-    show."""
-    nbytes = 0
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, Tensor):
-            nbytes += a.nbytes
-    nbytes = max(3 * nbytes, 1 << 22)
-    dev = cuda.current_device()
-    stream = cuda.current_stream(dev)
-    buf = memory.allocator(dev).alloc(nbytes, stream)
-    cuda.memset_d8(buf.ptr, 0xFF, nbytes, stream)
-    buf.free()
-    return fn(*args, **kwargs)
 
 
 def check(out: Tensor, ref: np.ndarray, dtype: str, tol: float | None = None) -> None:

@@ -11,17 +11,21 @@ folder's model_index.json and builds the fastdm pipeline that its `_class_name` 
 from __future__ import annotations
 
 import json
+import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ...runtime import cuda, dtypes
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError, NoGpuError, UnsupportedDtypeError
+from ...runtime.tensor import Tensor
+from ..vae import to_pil
+from ..vae.image import to_numpy
 
 MODEL_INDEX = "model_index.json"
 
@@ -152,6 +156,13 @@ class Timings:
         return sum(self.step_s) / len(self.step_s) if self.step_s else 0.0
 
 
+class CallClock(NamedTuple):
+    """The clocks of one pipeline call: `total` runs from its start, `step` is lapped after each stage."""
+
+    total: Stopwatch
+    step: Stopwatch
+
+
 class Stopwatch:
     """Wall-clock seconds since start, read after the device's queue drains."""
 
@@ -245,23 +256,48 @@ class Pipeline:
         self.dtype = dtype
         self.timings = Timings()
 
-    def _start_peak_memory(self) -> bool:
-        """Restart the GPU's peak-memory counters for a call; False on the CPU (nothing to count)."""
-        if self.device.type != "cuda":
-            return False
-        from ...runtime import graphs, memory
+    def _begin_call(self, seed: Any) -> CallClock:
+        """The start of a call: check and record `seed` (a fresh random one when None), clear the timings and
+        restart the GPU's peak-memory counters. Returns the clocks that _finish_call reads."""
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
+        self.last_seed = int(seed)
+        t = self.timings
+        t.encode_s, t.step_s, t.decode_s, t.total_s, t.peak_memory_bytes = 0.0, [], 0.0, 0.0, None
+        if self.device.type == "cuda":
+            from ...runtime import graphs, memory
 
-        memory.allocator(self.device).reset_peak()
-        graphs.reset_graph_memory_peak(self.device)
-        return True
+            memory.allocator(self.device).reset_peak()
+            graphs.reset_graph_memory_peak(self.device)
+        return CallClock(Stopwatch(self.device), Stopwatch(self.device))
 
-    def _peak_memory(self) -> int:
-        """Bytes at the busiest moment since _start_peak_memory: the allocator's peak plus the peak of CUDA-graph
-        memory (a replayed graph's activations are graph allocations, outside the allocator). The two peaks may
-        fall at different moments (the pipelines trim graph memory before decoding), so this is an upper bound."""
-        from ...runtime import graphs, memory
+    def _finish_call(self, clock: CallClock, latents: Tensor, decode: Callable[[Tensor], Tensor],
+                     output_type: str) -> Any:
+        """The end of a call, after the denoising loop: CUDA-graph memory back to the card (the denoiser's graph
+        has finished), then the latents as numpy (output_type "latent") or decode(latents) as PIL images / numpy,
+        and the total time and peak memory in the timings."""
+        t = self.timings
+        if self.device.type == "cuda":
+            from ...runtime import graphs
 
-        return memory.allocator(self.device).stats().peak + graphs.graph_memory_used(self.device, peak=True)
+            graphs.trim_graph_memory(self.device)
+        if output_type == "latent":
+            out = latents.numpy()
+        else:
+            images = decode(latents)  # [B, 3, H, W]
+            out = to_pil(images) if output_type == "pil" else to_numpy(images)
+            t.decode_s = clock.step.lap()
+        t.total_s = clock.total.lap()
+        if self.device.type == "cuda":
+            from ...runtime import graphs, memory
+
+            # The allocator's peak plus the peak of CUDA-graph memory (a replayed graph's activations are graph
+            # allocations, outside the allocator). The two may fall at different moments, so an upper bound.
+            t.peak_memory_bytes = (memory.allocator(self.device).stats().peak
+                                   + graphs.graph_memory_used(self.device, peak=True))
+        return out
 
 
 from .flux import FluxPipeline  # noqa: E402  (these subclass Pipeline, defined above)

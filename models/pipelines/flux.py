@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,8 @@ from ..schedulers import FlowMatchEulerScheduler, flux_timesteps, scheduler_from
 from ..text_encoders.clip import CLIPTextModel
 from ..text_encoders.t5 import T5EncoderModel
 from ..text_encoders.tokenizers import TextTokenizer, load_clip_tokenizer, load_t5_tokenizer
-from ..vae import AutoencoderKL, AutoencoderKLConfig, to_pil
-from ..vae.image import to_numpy
-from . import Pipeline, Stopwatch, check_image_size, component_folder
+from ..vae import AutoencoderKL, AutoencoderKLConfig
+from . import Pipeline, check_image_size, component_folder
 
 logger = logging.getLogger("fastdm")
 
@@ -290,15 +288,8 @@ class FluxPipeline(Pipeline):
         multiple = self.vae_scale_factor * PATCH
         check_size(height, width, multiple)
         steps = _positive_int(num_inference_steps, "num_inference_steps")
-        if seed is None:
-            seed = secrets.randbits(63)
-        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
-        self.last_seed = int(seed)
-        t = self.timings
-        t.encode_s, t.step_s, t.decode_s, t.total_s, t.peak_memory_bytes = 0.0, [], 0.0, 0.0, None
-        counting = self._start_peak_memory()
-        total, watch = Stopwatch(self.device), Stopwatch(self.device)
+        clock = self._begin_call(seed)
+        t, watch = self.timings, clock.step
 
         embeds, pooled = self.encode_prompt(prompt, prompt_2, num_images_per_prompt, max_sequence_length)
         t.encode_s = watch.lap()
@@ -321,16 +312,8 @@ class FluxPipeline(Pipeline):
             if callback is not None:
                 callback(i, float(step_t), latents)
 
-        if output_type == "latent":
-            out = latents.numpy()
-        else:
-            images = self.vae.decode(self.vae.unscale(unpack_latents(latents, h, w)))  # [B, 3, H, W]
-            out = to_pil(images) if output_type == "pil" else to_numpy(images)
-            t.decode_s = watch.lap()
-        t.total_s = total.lap()
-        if counting:
-            t.peak_memory_bytes = self._peak_memory()
-        return out
+        return self._finish_call(clock, latents, lambda z: self.vae.decode(self.vae.unscale(unpack_latents(z, h, w))),
+                                 output_type)
 
     def __repr__(self) -> str:
         cfg = self.transformer.config

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from PIL import Image
 from ...runtime import dtypes, ops
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError
-from ...runtime.graphs import trim_graph_memory
 from ...runtime.tensor import Tensor, zeros
 from ..denoisers.unet2d import UNet2DCondition
 from ..loading import read_config
@@ -47,9 +45,8 @@ from ..schedulers import (
 )
 from ..text_encoders.clip import CLIPTextModel, CLIPTextModelWithProjection
 from ..text_encoders.tokenizers import TextTokenizer, load_clip_tokenizer
-from ..vae import AutoencoderKL, AutoencoderKLConfig, to_pil
-from ..vae.image import to_numpy
-from . import Pipeline, Stopwatch, check_image_size, component_folder
+from ..vae import AutoencoderKL, AutoencoderKLConfig
+from . import Pipeline, check_image_size, component_folder
 from .flux import torch_noise_kernel
 
 logger = logging.getLogger("fastdm")
@@ -361,16 +358,9 @@ class StableDiffusionXLPipeline(Pipeline):
                     _pair(crops_coords_top_left, "crops_coords_top_left"),
                     _pair((height, width) if target_size is None else target_size, "target_size"))
         sched = self.get_scheduler(scheduler)
-        if seed is None:
-            seed = secrets.randbits(63)
-        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
-        self.last_seed = int(seed)
+        clock = self._begin_call(seed)
+        t, watch = self.timings, clock.step
         cfg = float(guidance_scale) > 1.0  # diffusers' do_classifier_free_guidance
-        t = self.timings
-        t.encode_s, t.step_s, t.decode_s, t.total_s, t.peak_memory_bytes = 0.0, [], 0.0, 0.0, None
-        counting = self._start_peak_memory()
-        total, watch = Stopwatch(self.device), Stopwatch(self.device)
 
         embeds, pooled = self.encode_prompt(prompt, prompt_2, negative_prompt, negative_prompt_2,
                                             num_images_per_prompt, cfg)  # [R, 77, D], [R, P]
@@ -399,19 +389,7 @@ class StableDiffusionXLPipeline(Pipeline):
             t.step_s.append(watch.lap())
             if callback is not None:
                 callback(i, float(step_t), latents)
-        if getattr(self.device, "type", "cpu") == "cuda":
-            trim_graph_memory(self.device)  # the UNet graph's activations go back to the card before the VAE runs
-
-        if output_type == "latent":
-            out = latents.numpy()
-        else:
-            images = self.vae.decode(self.vae.unscale(latents))  # [B, 3, H, W], in the VAE's dtype
-            out = to_pil(images) if output_type == "pil" else to_numpy(images)
-            t.decode_s = watch.lap()
-        t.total_s = total.lap()
-        if counting:
-            t.peak_memory_bytes = self._peak_memory()
-        return out
+        return self._finish_call(clock, latents, lambda z: self.vae.decode(self.vae.unscale(z)), output_type)
 
     def __repr__(self) -> str:
         u = self.unet.config

@@ -40,7 +40,6 @@ class Graph:
 
     def __init__(self, graph, graph_exec, stream: cuda.Stream):
         self._graph, self._exec, self.stream = graph, graph_exec, stream
-        self.num_nodes = int(cuda.call(_drv.cuGraphGetNodes, graph, 0)[1])
 
     @classmethod
     def capture(cls, fn: Callable[[], None], stream: cuda.Stream | None = None) -> Graph:

@@ -70,6 +70,14 @@ def _check_args(stride, padding) -> tuple[int, int]:
     return int(stride), int(padding)
 
 
+def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """All on one GPU, x floating point, weight and bias in x's dtype."""
+    gpu_device("conv2d", x, weight, bias)
+    check_float("conv2d", x)
+    check_same_dtype("conv2d", x, weight, "weight")
+    check_same_dtype("conv2d", x, bias, "bias")
+
+
 def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
     if h + 2 * padding < kh or w + 2 * padding < kw:
         raise ShapeError(f"ops.conv2d: kernel {kh}x{kw} is larger than the padded input "
@@ -179,10 +187,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 
             raise InvalidArgumentError("ops.conv2d: out is not supported with channels_last=True")
         return conv2d_nhwc(x, weight, bias, stride=stride, padding=padding, weight_layout="ohwi")
     stride, padding = _check_args(stride, padding)
-    gpu_device("conv2d", x, weight, bias)
-    check_float("conv2d", x)
-    check_same_dtype("conv2d", x, weight, "weight")
-    check_same_dtype("conv2d", x, bias, "bias")
+    _check_operands(x, weight, bias)
     if x.ndim != 4 or weight.ndim != 4:
         raise ShapeError(f"ops.conv2d: x must be [N, C, H, W] and weight [O, C, kh, kw], got {x.shape} and "
                          f"{weight.shape}")
@@ -215,10 +220,7 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: i
     if weight_layout not in _WEIGHT_LAYOUTS:
         raise InvalidArgumentError(f"ops.conv2d_nhwc: weight_layout must be one of {_WEIGHT_LAYOUTS}, got "
                                    f"{weight_layout!r}")
-    gpu_device("conv2d", x, weight, bias)
-    check_float("conv2d", x)
-    check_same_dtype("conv2d", x, weight, "weight")
-    check_same_dtype("conv2d", x, bias, "bias")
+    _check_operands(x, weight, bias)
     if x.ndim != 4 or weight.ndim != 4:
         raise ShapeError(f"ops.conv2d_nhwc: x must be [N, H, W, C] and weight 4-d, got {x.shape} and "
                          f"{weight.shape}")

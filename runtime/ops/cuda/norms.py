@@ -132,15 +132,17 @@ def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     check_float("group_norm", x)
     if activation not in (None, "silu"):
         raise InvalidArgumentError(f"ops.group_norm: activation must be None or 'silu', got {activation!r}")
-    if channels_last:
-        return _group_norm_nhwc(x, weight, bias, num_groups, eps, activation, device)
     if x.ndim < 2:
-        raise ShapeError(f"ops.group_norm: x must be [N, C, *spatial], got {x.shape}")
-    n, c = x.shape[:2]
+        layout = "[N, *spatial, C] (channels_last)" if channels_last else "[N, C, *spatial]"
+        raise ShapeError(f"ops.group_norm: x must be {layout}, got {x.shape}")
+    n, c = x.shape[0], x.shape[-1 if channels_last else 1]
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
         raise InvalidArgumentError(f"ops.group_norm: num_groups must be an int >= 1, got {num_groups!r}")
     if c % num_groups:
-        raise ShapeError(f"ops.group_norm: {c} channels do not split into {num_groups} groups")
+        where = " (the last dim of x [N, *spatial, C])" if channels_last else ""
+        raise ShapeError(f"ops.group_norm: {c} channels{where} do not split into {num_groups} groups")
+    if channels_last:
+        return _group_norm_nhwc(x, weight, bias, num_groups, eps, activation, device)
     if n * num_groups > _MAX_GRID_Y:
         raise ShapeError(f"ops.group_norm: batch {n} x {num_groups} groups exceeds {_MAX_GRID_Y}; "
                          "split the batch into smaller pieces")
@@ -181,15 +183,8 @@ def nhwc_workspace_elems(n: int, c: int, num_groups: int, chunks: int) -> int:
 
 def _group_norm_nhwc(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float,
                      activation: str | None, device: Device) -> Tensor:
-    """group_norm of channels-last x [N, *spatial, C]."""
-    if x.ndim < 2:
-        raise ShapeError(f"ops.group_norm: x must be [N, *spatial, C] (channels_last), got {x.shape}")
+    """group_norm of channels-last x [N, *spatial, C] (x, num_groups checked by group_norm)."""
     n, c = x.shape[0], x.shape[-1]
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-        raise InvalidArgumentError(f"ops.group_norm: num_groups must be an int >= 1, got {num_groups!r}")
-    if c % num_groups:
-        raise ShapeError(f"ops.group_norm: {c} channels (the last dim of x [N, *spatial, C]) do not split into "
-                         f"{num_groups} groups")
     if n > _MAX_GRID_Y:
         raise ShapeError(f"ops.group_norm: batch {n} exceeds {_MAX_GRID_Y} for x [N, *spatial, C]; split the batch "
                          "into smaller pieces")

@@ -64,39 +64,41 @@ static_assert(kSm90Configs[kCfgPingpong128x128].kernel == kSm90Pingpong128x128 &
               kSm90Configs[kCfgPingpong128x128].raster == kRasterAuto);
 
 // THE TABLE OF WINNERS: for an exact (M, N, K), the configurations bench/gemm_sweep.py measured fastest, for the
-// plain linear and for the gated residual (-1: the plain winner, or its C-reading sibling when that is the lean
-// kernel). The sweep prints rows in this form; paste them here. Shapes not listed go by sm90_rule.
+// plain linear, for the gated residual (-1: the plain winner, or its C-reading sibling when that is the lean
+// kernel) and for a linear with an activation epilogue (-1: the plain winner). The sweep prints rows in this form;
+// paste them here. Shapes not listed go by sm90_rule.
 struct Sm90Winner {
   int64_t M, N, K;
-  int plain, gated;
+  int plain, gated, act;
 };
 constexpr Sm90Winner kSm90Winners[] = {
     // Measured by bench/gemm_sweep.py on an H200 (2026-11-26, bf16; docs/benchmarks.md): the fastest configuration
-    // per shape, {M, N, K, plain, gated (-1: the plain winner's gate-taking sibling)}.
+    // per shape, {M, N, K, plain, gated, act}. Times: fastdm vs cuBLAS (gated: vs torch's linear + mul + add;
+    // act: vs linear + gelu_tanh), one sweep; differences under ~2% are run-to-run noise.
     // FLUX.1 1024x1024: 4096 image + 512 text tokens
-    {4608, 9216, 3072, 0, -1},    // qkv: 0.359 ms vs cuBLAS 0.325
-    {4608, 12288, 3072, 16, -1},  // mlp up: 0.492 vs 0.483
-    {4608, 3072, 12288, 16, 5},   // mlp down: 0.466 vs 0.453; gated 0.488 vs 0.516 (linear + add)
-    {4608, 3072, 15360, 16, 8},   // single-block out: 0.564 vs 0.580; gated 0.609 vs 0.636
-    {4608, 3072, 3072, 14, 14},   // attention out: 0.118 vs 0.112; gated 0.121 vs 0.170
-    // SDXL 1024x1024, batch 2 (CFG); re-swept 2026-11-26 with the coop 128x160 configurations. Gated: the UNet's
-    // residual projections (gate = ones, batch folded into the rows)
-    {8192, 5120, 640, 12, -1},    // 64x64 ff up: 0.090 vs 0.082
-    {2048, 10240, 1280, 13, -1},  // 32x32 ff up: 0.076 vs 0.076
-    {2048, 1280, 5120, 11, 10},   // 32x32 ff down: 0.047 vs 0.036; gated 0.049 vs 0.051 (linear + add)
-    {8192, 640, 640, 12, 12},     // 64x64 attention projections: 0.019 vs 0.013; gated 0.021 vs 0.036
-    {2048, 1280, 1280, 17, 12},   // 32x32 attention projections: 0.020 vs 0.012; gated 0.020 vs 0.024
-    {2048, 3840, 1280, 12, -1},   // 32x32 qkv: 0.033 vs 0.031
-    {8192, 1920, 640, 14, -1},    // 64x64 qkv: 0.040 vs 0.036
-    {8192, 640, 2560, 12, 12},    // 64x64 ff down: 0.047 vs 0.038; gated 0.047 vs 0.060
+    {4608, 9216, 3072, 0, -1, -1},    // qkv: 0.368 ms vs 0.339
+    {4608, 12288, 3072, 20, -1, 24},  // mlp up: 0.509 vs 0.498; gelu_tanh 0.528 vs 0.595 (pingpong 64x256)
+    {4608, 3072, 12288, 16, 5, -1},   // mlp down: 0.471 vs 0.494; gated 0.477 vs 0.548
+    {4608, 3072, 15360, 20, 5, -1},   // single-block out: 0.579 vs 0.605; gated 0.641 vs 0.647
+    {4608, 3072, 3072, 14, 14, -1},   // attention out: 0.123 vs 0.116; gated 0.126 vs 0.178
+    // SDXL 1024x1024, batch 2 (CFG). Gated: the UNet's residual projections (gate = ones, batch folded into rows)
+    {8192, 5120, 640, 12, -1, -1},    // 64x64 ff up: 0.092 vs 0.091
+    {2048, 10240, 1280, 13, -1, -1},  // 32x32 ff up: 0.077 vs 0.076
+    {2048, 1280, 5120, 11, 10, -1},   // 32x32 ff down: 0.047 vs 0.037; gated 0.049 vs 0.051
+    {8192, 640, 640, 12, 12, -1},     // 64x64 attention projections: 0.019 vs 0.017; gated 0.020 vs 0.036
+    {2048, 1280, 1280, 17, 12, -1},   // 32x32 attention projections: 0.020 vs 0.012; gated 0.020 vs 0.024
+    {2048, 3840, 1280, 12, -1, -1},   // 32x32 qkv: 0.033 vs 0.032
+    {8192, 1920, 640, 14, -1, -1},    // 64x64 qkv: 0.040 vs 0.036
+    {8192, 640, 2560, 12, 12, -1},    // 64x64 ff down: 0.046 vs 0.039; gated 0.047 vs 0.060
     // Wan2.2-TI2V-5B 704x1280x121
-    {27280, 14336, 3072, 14, -1},  // ff up: 3.652 vs 3.483
-    {27280, 3072, 14336, 16, -1},  // ff down: 3.522 vs 3.447
+    {27280, 14336, 3072, 14, -1, -1},  // ff up: 3.689 vs 3.552
+    {27280, 3072, 14336, 16, -1, -1},  // ff down: 3.531 vs 3.478
 };
 
 constexpr bool winners_valid() {
   for (const Sm90Winner& w : kSm90Winners) {
     if (w.plain < 0 || w.plain >= kSm90ConfigCount || w.gated < -1 || w.gated >= kSm90ConfigCount) return false;
+    if (w.act < -1 || w.act >= kSm90ConfigCount) return false;
     if (w.gated >= 0 && !sm90_config_takes_gate(kSm90Configs[w.gated])) return false;
   }
   return true;
@@ -121,10 +123,10 @@ int sm90_rule(const LinearProblem& p, int sm_count) {
 int gated_sibling(int config) {
   if (sm90_config_takes_gate(kSm90Configs[config])) return config;
   const Sm90Config& c = kSm90Configs[config];
+  const Sm90Kernel full = c.kernel == kSm90Coop192x192Lean ? kSm90Coop192x192 : kSm90Coop128x256;
   for (int i = 0; i < kSm90ConfigCount; ++i) {
     const Sm90Config& d = kSm90Configs[i];
-    if (d.kernel == kSm90Coop128x256 && d.decomp == c.decomp && d.raster == c.raster && d.swizzle == c.swizzle)
-      return i;
+    if (d.kernel == full && d.decomp == c.decomp && d.raster == c.raster && d.swizzle == c.swizzle) return i;
   }
   return kCfgCoop128x256Dp;
 }
@@ -134,6 +136,7 @@ int choose_sm90_config(const LinearProblem& p, int sm_count) {
   for (const Sm90Winner& w : kSm90Winners) {
     if (w.M != p.M || w.N != p.N || w.K != p.K) continue;
     if (p.gate && w.gated >= 0) return w.gated;
+    if (!p.gate && p.act != kActNone && w.act >= 0) return w.act;
     return p.gate ? gated_sibling(w.plain) : w.plain;
   }
   const int config = sm90_rule(p, sm_count);
@@ -381,9 +384,11 @@ FDM_API int fdm_gemm_sm90_config_name(int config, char* buf, int64_t len) {
   if (config < 0 || config >= kSm90ConfigCount)
     return arg_error("sm90 GEMM configuration %d does not exist (want 0..%d)", config, kSm90ConfigCount - 1);
   if (!buf || len < 1) return arg_error("config name buffer is empty");
-  static const char* const kernels[] = {"coop 128x256 c2x1",     "coop 256x128 c1x2",     "coop 128x128 c1x1",
-                                        "pingpong 128x128 c1x1", "pingpong 128x128 c2x1", "coop 128x256 c2x1 lean",
-                                        "coop 128x160 c1x1"};
+  static const char* const kernels[] = {"coop 128x256 c2x1",          "coop 256x128 c1x2",
+                                        "coop 128x128 c1x1",          "pingpong 128x128 c1x1",
+                                        "pingpong 128x128 c2x1",      "coop 128x256 c2x1 lean",
+                                        "coop 128x160 c1x1",          "coop 192x192 c2x1 n-split",
+                                        "coop 192x192 c2x1 n-split lean", "pingpong 64x256 c2x1"};
   static const char* const decomps[] = {"data-parallel", "stream-k heuristic", "stream-k"};
   static_assert(sizeof(kernels) / sizeof(kernels[0]) == kSm90KernelCount);
   const Sm90Config& c = kSm90Configs[config];

@@ -86,6 +86,10 @@ enum Sm90Kernel : int {
   kSm90Coop128x256Lean,  // kSm90Coop128x256 with an epilogue that never reads C: plain linear only (no gate)
   kSm90Coop128x160,      // cooperative 128x160x64, cluster 1x1, stream-K scheduler: N = 640 / 1280 / 3840 in
                          // whole tiles, and a 2048 x 1280 output in 128 tiles (one wave on 132 SMs)
+  kSm90Coop192x192,      // cooperative 192x192x64, cluster 2x1 (B multicast), stream-K scheduler, the warp groups
+                         // splitting the tile along N (192x96 each): cuBLAS's tiling for the large FLUX GEMMs
+  kSm90Coop192x192Lean,  // kSm90Coop192x192 with the epilogue that never reads C: plain linear only (no gate)
+  kSm90Pingpong64x256C2,  // ping-pong 64x256x64 (per warp group), cluster 2x1, persistent scheduler (no stream-K)
   kSm90KernelCount
 };
 
@@ -131,11 +135,18 @@ inline constexpr Sm90Config kSm90Configs[] = {
     {kSm90Coop128x160, kDecompDataParallel, kRasterAuto, 1},       // 17
     {kSm90Coop128x160, kDecompHeuristic, kRasterAuto, 1},          // 18
     {kSm90Coop128x160, kDecompStreamK, kRasterAuto, 1},            // 19
+    {kSm90Coop192x192, kDecompDataParallel, kRasterAuto, 1},       // 20
+    {kSm90Coop192x192, kDecompHeuristic, kRasterAuto, 1},          // 21
+    {kSm90Coop192x192Lean, kDecompDataParallel, kRasterAuto, 1},   // 22
+    {kSm90Coop192x192Lean, kDecompHeuristic, kRasterAuto, 1},      // 23
+    {kSm90Pingpong64x256C2, kDecompDataParallel, kRasterAuto, 1},  // 24
 };
 inline constexpr int kSm90ConfigCount = int(sizeof(kSm90Configs) / sizeof(kSm90Configs[0]));
 
-// Whether a configuration can run gated problems (gate/residual set): the lean epilogue has no C operand.
-inline constexpr bool sm90_config_takes_gate(const Sm90Config& c) { return c.kernel != kSm90Coop128x256Lean; }
+// Whether a configuration can run gated problems (gate/residual set): the lean epilogues have no C operand.
+inline constexpr bool sm90_config_takes_gate(const Sm90Config& c) {
+  return c.kernel != kSm90Coop128x256Lean && c.kernel != kSm90Coop192x192Lean;
+}
 
 // sm90 (kernels/sm90/gemm_sm90*.cu; declared only where they are compiled in). Returns kGemmNotSupported when
 // the configuration cannot take the problem (alignment, sizes, a gate on the lean kernel).

@@ -235,3 +235,29 @@ def test_config_hook_arguments(lib):
     with pytest.raises(CudaError):
         kernels.call("fdm_gemm_sm90_config_name", count, ctypes_buffer(), 128)
     kernels.call("fdm_gemm_sm90_set_config", -1)
+
+
+# ------------------------------------------------------------------------------------------ the winners table
+def test_winners_pick_per_epilogue(rng, forced_sm90):
+    """kSm90Winners in kernels/gemm.cu picks by epilogue at FLUX's mlp-up shape (4608 x 3072 -> 12288): the plain
+    winner for a bias-only linear, the activation winner for linear + gelu_tanh, the plain winner's gate-taking
+    sibling for a gated residual; each result equals what the same configuration gives when forced."""
+    m, k, n = 4608, 3072, 12288
+    x, w = gpu(rand(rng, "bfloat16", m, k)), gpu(rand(rng, "bfloat16", n, k, scale=k ** -0.5))
+    b = gpu(rand(rng, "bfloat16", n, scale=0.5))
+    gate, residual = gpu(rand(rng, "bfloat16", 1, n)), gpu(rand(rng, "bfloat16", 1, m, n))
+    names = config_names(forced_sm90)
+    cases = {
+        "bias": lambda: ops_cuda().linear(x, w, b),
+        "gelu_tanh": lambda: ops_cuda().linear(x, w, b, activation="gelu_tanh"),
+        "gated": lambda: ops_cuda().linear_gated_residual(x.reshape(1, m, k), w, b, gate, residual),
+    }
+    picked = {}
+    for kind, fn in cases.items():
+        kernels.call("fdm_gemm_sm90_set_config", -1)
+        auto = fn().numpy().view(np.uint16)
+        picked[kind] = forced_sm90.fdm_gemm_sm90_last_config()
+        forced = run_config(forced_sm90, picked[kind], fn).numpy().view(np.uint16)
+        assert np.array_equal(auto, forced), kind
+    assert picked["bias"] != picked["gelu_tanh"], picked  # the table has an activation winner for this shape
+    assert takes_gate(names[picked["gated"]]), picked

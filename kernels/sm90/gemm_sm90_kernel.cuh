@@ -124,8 +124,91 @@ struct ActBias<cutlass::Array<T, N>> {
 // The largest dynamic shared memory an sm90 CTA may opt into (227 KiB).
 constexpr int kMaxSmemBytes = 232448;
 
+// Where Sm90Linear gets its mainloop and epilogue collectives: Apply<...>::CollectiveMainloop / CollectiveEpilogue,
+// given the kernel's tiling, the EVT and the C element (void for the lean epilogue).
+// The default asks CUTLASS's CollectiveBuilders; the stage count fills what the epilogue leaves of shared memory.
+struct BuilderCollectives {
+  template <typename Element, typename TileShape, typename ClusterShape, typename KernelSchedule,
+            typename EpilogueSchedule, typename Evt, typename ElementC, int kAlign>
+  struct Apply {
+    using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+        cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC, cutlass::layout::RowMajor, kAlign,
+        Element, cutlass::layout::RowMajor, kAlign, EpilogueSchedule, Evt>::CollectiveOp;
+
+    using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, kAlign, Element,
+        cutlass::layout::ColumnMajor, kAlign, float, TileShape, ClusterShape,
+        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+            sizeof(typename CollectiveEpilogue::SharedStorage))>,
+        KernelSchedule>::CollectiveOp;
+  };
+};
+
+// Cooperative collectives whose two consumer warp groups split the CTA tile along N (each computes
+// TILE_M x TILE_N/2 with TILE_M/64 wgmma atoms of 64 x TILE_N/2 down M), for tiles the builder cannot split along M
+// (TILE_M = 192). Everything else is what the builders would pick, written out because they hard-wire the M split
+// (mainloop AtomLayout 2x1x1, cooperative epilogue tiles of 128 rows):
+//
+// - B rows (output columns) go to the warp groups in interleaved groups of 8, group g to warp group g % 2, through
+//   the TiledMma's N permutation. A wgmma operand may have any stride between 8-row core matrices (the
+//   descriptor's SBO), so each warp group still reads its B half straight from the swizzled tile, and then the
+//   first stmatrix of all 256 threads covers 32 contiguous output columns, as the TMA epilogue's register-to-smem
+//   copy requires (with contiguous halves it would span columns 0-15 and N/2 to N/2+15, which no epilogue subtile
+//   holds).
+// - Epilogue subtiles of 64 x 64 (one wgmma atom's rows; 4096 elements, as the builder's 128 x 32), with the
+//   builder's stage counts, copy ops and smem layouts for that subtile.
+// - Mainloop: TMA loads (A multicast across a cluster's N extent, B across its M extent), the builder's swizzled
+//   K-major smem atoms, and as many stages as fit next to the epilogue (StageCountAutoCarveout's arithmetic).
+struct SplitNCollectives {
+  template <typename Element, typename TileShape, typename ClusterShape, typename KernelSchedule,
+            typename EpilogueSchedule, typename Evt, typename ElementC, int kAlign>
+  struct Apply {
+    static_assert(std::is_same_v<KernelSchedule, cutlass::gemm::KernelTmaWarpSpecializedCooperative> &&
+                  std::is_same_v<EpilogueSchedule, cutlass::epilogue::TmaWarpSpecializedCooperative>);
+    static constexpr int kTileM = size<0>(TileShape{}), kTileN = size<1>(TileShape{});
+    static_assert(kTileM % 64 == 0 && kTileN % 64 == 0, "64-row wgmma atoms, whole 64 x 64 epilogue subtiles");
+
+    using EpilogueTile = Shape<_64, _64>;
+    using EpiloguePolicy = decltype(cutlass::epilogue::collective::detail::sm90_get_tma_dispatch_policy<
+                                    TileShape, EpilogueTile, ElementC, Element, EpilogueSchedule>());
+    using CollectiveEpilogue = typename cutlass::epilogue::collective::detail::Sm90TmaBuilderImpl<
+        TileShape, EpilogueTile, float, float, ElementC, cutlass::layout::RowMajor, kAlign, Element,
+        cutlass::layout::RowMajor, kAlign, Evt, EpiloguePolicy>::CollectiveOp;
+
+    // Logical column i + 8 g + (N/2) w of the tiled MMA (w: warp group, g: its 8-column group) is tile column
+    // i + 16 g + 8 w.
+    using PermuteN = Layout<Shape<_8, Int<kTileN / 16>, _2>, Stride<_1, _16, _8>>;
+    using TiledMma = decltype(make_tiled_mma(
+        GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kTileN / 2>, _64>, GMMA::Major::K,
+                             GMMA::Major::K>(),
+        Layout<Shape<_1, _2, _1>>{}, Tile<Underscore, PermuteN, Underscore>{}));
+
+    using GmemTiledCopyA = decltype(cutlass::gemm::collective::detail::sm90_cluster_shape_to_tma_atom(
+        shape<1>(ClusterShape{})));
+    using GmemTiledCopyB = decltype(cutlass::gemm::collective::detail::sm90_cluster_shape_to_tma_atom(
+        shape<0>(ClusterShape{})));
+    using SmemLayoutAtomA = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
+                                     GMMA::Major::K, Element, decltype(get<0>(TileShape{})),
+                                     decltype(get<2>(TileShape{}))>());
+    using SmemLayoutAtomB = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
+                                     GMMA::Major::K, Element, decltype(get<1>(TileShape{})),
+                                     decltype(get<2>(TileShape{}))>());
+    static constexpr int kStages = cutlass::gemm::collective::detail::compute_stage_count_or_override<
+        cutlass::gemm::collective::detail::sm90_smem_capacity_bytes, Element, Element, TileShape>(
+        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+            sizeof(typename CollectiveEpilogue::SharedStorage))>{});
+
+    using CollectiveMainloop = cutlass::gemm::collective::CollectiveMma<
+        cutlass::gemm::MainloopSm90TmaGmmaWarpSpecialized<kStages, ClusterShape, KernelSchedule>, TileShape,
+        Element, cutlass::gemm::TagToStrideA_t<cutlass::layout::RowMajor>, Element,
+        cutlass::gemm::TagToStrideB_t<cutlass::layout::ColumnMajor>, TiledMma, GmemTiledCopyA, SmemLayoutAtomA,
+        void, cute::identity, GmemTiledCopyB, SmemLayoutAtomB, void, cute::identity>;
+  };
+};
+
 template <typename Element, typename TileShape, typename ClusterShape, typename KernelSchedule,
-          typename EpilogueSchedule, typename SchedulerTag, bool Lean>
+          typename EpilogueSchedule, typename SchedulerTag, bool Lean, typename Collectives = BuilderCollectives>
 struct Sm90Linear {
   static constexpr int kAlign = 16 / sizeof(Element);
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
@@ -143,17 +226,10 @@ struct Sm90Linear {
   using Evt = std::conditional_t<Lean, LeanEvt, FullEvt>;
   using ElementC = std::conditional_t<Lean, void, Element>;
 
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC, cutlass::layout::RowMajor, kAlign,
-      Element, cutlass::layout::RowMajor, kAlign, EpilogueSchedule, Evt>::CollectiveOp;
-
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, kAlign, Element,
-      cutlass::layout::ColumnMajor, kAlign, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      KernelSchedule>::CollectiveOp;
+  using Collective = typename Collectives::template Apply<Element, TileShape, ClusterShape, KernelSchedule,
+                                                          EpilogueSchedule, Evt, ElementC, kAlign>;
+  using CollectiveEpilogue = typename Collective::CollectiveEpilogue;
+  using CollectiveMainloop = typename Collective::CollectiveMainloop;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue, SchedulerTag>;
@@ -257,9 +333,20 @@ template <typename E>
 using Coop128x128 = Cooperative<E, Shape<_128, _128, _64>, Shape<_1, _1, _1>>;
 template <typename E>
 using Coop128x160 = Cooperative<E, Shape<_128, _160, _64>, Shape<_1, _1, _1>>;
+// 192 x 192 split along N between the warp groups (192 x 96 each): cuBLAS's tiling for large FLUX GEMMs.
+template <typename E, bool Lean = false>
+using Coop192x192 = Sm90Linear<E, Shape<_192, _192, _64>, Shape<_2, _1, _1>,
+                               cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                               cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler, Lean,
+                               SplitNCollectives>;
 template <typename E, typename Cluster>
 using Pingpong128x128 = Sm90Linear<E, Shape<_128, _128, _64>, Cluster, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                                    cutlass::epilogue::TmaWarpSpecialized, cutlass::gemm::PersistentScheduler, false>;
+// 64x256 per warp group: the N extent of the cooperative 128x256 tile (same B bytes per MMA), with one warp group's
+// epilogue overlapping the other's MMAs.
+template <typename E, typename Cluster>
+using Pingpong64x256 = Sm90Linear<E, Shape<_64, _256, _64>, Cluster, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                  cutlass::epilogue::TmaWarpSpecialized, cutlass::gemm::PersistentScheduler, false>;
 
 // Runs Family<bf16> or Family<f16> by p.dtype.
 template <template <typename> class Family>

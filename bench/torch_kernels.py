@@ -1,0 +1,48 @@
+"""Which kernels torch (cuBLAS / cuDNN) runs for each GEMM shape of bench/kernels.py, with their device time.
+
+Run on a GPU machine with torch:  python bench/torch_kernels.py
+For reading alongside ncu: the tile shape, stages and cluster are in cuBLAS's kernel names
+(nvjet_sm90_tst_<tile>_<k-tile>x<stages>_<cluster>...).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch  # bench/ is the baseline side: torch is allowed here
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+HERE = Path(__file__).resolve().parent
+
+
+def bench_shapes() -> dict[str, tuple[int, int, int]]:
+    spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return dict(mod.GEMM_SHAPES)
+
+
+def main() -> None:
+    print("| shape (M, K, N) | torch kernel | us per call |")
+    print("|---|---|---|")
+    for name, (m, k, n) in bench_shapes().items():
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+        for _ in range(3):
+            F.linear(x, w, b)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                F.linear(x, w, b)
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            if ev.device_type.name == "CUDA" and ev.count >= 10:
+                us = ev.device_time_total / ev.count
+                print(f"| {name} ({m}, {k}, {n}) | `{ev.key[:110]}` | {us:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -56,15 +56,29 @@ EXTRA_SHAPES = {  # name: (M, K, N)
     "sdxl 832x1216 26x38 qkv 1280->3840": (1976, 1280, 3840),
     "sdxl 832x1216 26x38 ff down 5120->1280": (1976, 5120, 1280),
     "sdxl 832x1216 52x76 ff down 2560->640": (7904, 2560, 640),
+    # FLUX.1 1024x1024 double-stream blocks: image (4096 rows) and text (512 rows) streams apart, and the adaLN
+    # modulation GEMVs of both block kinds (one row: weight-bandwidth bound)
+    "flux double img qkv 3072->9216": (4096, 3072, 9216),
+    "flux double img mlp 3072->12288": (4096, 3072, 12288),
+    "flux double img mlp 12288->3072": (4096, 12288, 3072),
+    "flux double img attn out 3072->3072": (4096, 3072, 3072),
+    "flux double txt qkv 3072->9216": (512, 3072, 9216),
+    "flux double txt mlp 3072->12288": (512, 3072, 12288),
+    "flux double txt mlp 12288->3072": (512, 12288, 3072),
+    "flux double txt attn out 3072->3072": (512, 3072, 3072),
+    "flux double modulation 3072->18432": (1, 3072, 18432),
+    "flux single modulation 3072->9216": (1, 3072, 9216),
 }
 # Shapes also timed as linear_gated_residual (FLUX's output projections, batch 1: one fused launch; the SDXL UNet's
 # residual projections, whose gate is ones).
 GATED = {"flux attn out 3072->3072", "flux mlp 12288->3072", "flux single out 15360->3072",
          "sdxl 64x64 attn proj 640->640", "sdxl 32x32 attn proj 1280->1280", "sdxl 64x64 ff down 2560->640",
-         "sdxl 32x32 ff 5120->1280"}
+         "sdxl 32x32 ff 5120->1280", "flux double img mlp 12288->3072", "flux double img attn out 3072->3072",
+         "flux double txt mlp 12288->3072", "flux double txt attn out 3072->3072"}
 # Shapes also timed with the gelu_tanh epilogue (FLUX's MLP up-projection).
-GELU = {"flux mlp 3072->12288"}
+GELU = {"flux mlp 3072->12288", "flux double img mlp 3072->12288", "flux double txt mlp 3072->12288"}
 SM90_PATH = 1
+PATH_NAMES = {2: "sm80", 3: "simt", 4: "gemv"}  # fdm_gemm_last_path codes other than sm90
 MAX_REL_L2 = 2e-2  # vs torch's bf16 output: both round to bf16, so about an ulp apart
 
 
@@ -126,6 +140,7 @@ def sweep_case(case: Case, lib, names: list[str], configs: list[int], reps: int,
     t_ms = device_ms(case.torch_fn(), reps, batches)
     ours = case.ours_fn()
     results = {}
+    fdm_kernels.call("fdm_gemm_set_path", SM90_PATH)  # a problem of a few rows would otherwise take the GEMV
     for idx in configs:
         if case.kind == "gated" and "lean" in names[idx]:
             continue
@@ -139,9 +154,11 @@ def sweep_case(case: Case, lib, names: list[str], configs: list[int], reps: int,
         err = rel_l2(out, ref)
         results[idx] = {"ms": device_ms(ours, reps, batches), "rel_l2": err}
     fdm_kernels.call("fdm_gemm_sm90_set_config", -1)
+    fdm_kernels.call("fdm_gemm_set_path", 0)
     out = ours()
     torch.cuda.synchronize()
-    auto = {"config": lib.fdm_gemm_sm90_last_config() if lib.fdm_gemm_last_path() == SM90_PATH else None,
+    auto = {"config": lib.fdm_gemm_sm90_last_config() if lib.fdm_gemm_last_path() == SM90_PATH else
+            PATH_NAMES[lib.fdm_gemm_last_path()],
             "ms": device_ms(ours, reps, batches), "rel_l2": rel_l2(out, ref)}
     good = {i: r for i, r in results.items() if r["ms"] is not None and r["rel_l2"] < MAX_REL_L2}
     winner = min(good, key=lambda i: good[i]["ms"]) if good else None
@@ -240,6 +257,7 @@ def main() -> None:
                 rows.append(row)
     finally:
         fdm_kernels.call("fdm_gemm_sm90_set_config", -1)
+        fdm_kernels.call("fdm_gemm_set_path", 0)
     print_summary(rows, names)
     if args.out:
         args.out.write_text(json.dumps({"device": props.name, "sm_count": props.multi_processor_count,

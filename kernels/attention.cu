@@ -385,8 +385,6 @@ int launch(const Params& p, int64_t batch, cudaStream_t stream) {
   return fdm::launch_status();
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
 // Which kernel ran last / is forced (fdm_attention_set_path, fdm_attention_last_path; used by tests).
 enum AttentionPath : int { kAttnAuto = 0, kAttnSm90 = 1, kAttnMma = 2 };
 int g_force_path = kAttnAuto;
@@ -439,7 +437,7 @@ FDM_API int fdm_attention(const void* q, const void* k, const void* v, const voi
                             "contiguous tensors", (long long)s);
     }
   }
-  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out)) {
+  if (!fdm::aligned16(q) || !fdm::aligned16(k) || !fdm::aligned16(v) || !fdm::aligned16(out)) {
     return fdm::arg_error("q, k, v and out must be 16-byte aligned; pass contiguous tensors");
   }
   if (key_padding_mask && mask_sb < 0) return fdm::arg_error("negative mask batch stride");

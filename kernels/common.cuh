@@ -38,6 +38,9 @@ inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether a pointer suits 16-byte vector loads/stores (and TMA).
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 // Load/store helpers that compute in float32 whatever the storage type.
 template <typename T> __device__ __forceinline__ float to_f32(T v);
 template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }

@@ -195,8 +195,6 @@ int run_auto(int dtype, const ConvProblem& p, const Facts& f, cudaStream_t strea
   return run_config(dtype, *config, p, f, stream);
 }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 constexpr int64_t kMaxTensorBytes = int64_t(1) << 31;  // CUTLASS 2.x conv indexes each tensor in int32 bytes
 
 }  // namespace

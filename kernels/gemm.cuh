@@ -2,6 +2,7 @@
 //   sm90  kernels/sm90/gemm_sm90*.cu   CUTLASS 3.x TMA warp-specialized kernels (Hopper, 16-bit, aligned)
 //   sm80  kernels/gemm_sm80*.cu        CUTLASS 2.x multistage tensor-op kernels (Ampere+, 16-bit, aligned)
 //   simt  kernels/gemm_simt.cu         a plain tiled kernel: any alignment, any stride, fp32 too
+//   gemv  kernels/gemv.cu              a warp per output column, for x of at most kGemvMaxRows rows (16-bit)
 // Every path computes in float32 and applies the same epilogue functions (below), so results agree to rounding.
 #pragma once
 #include "common.cuh"
@@ -12,7 +13,7 @@ namespace fdm {
 enum GemmAct : int { kActNone = 0, kActGeluTanh = 1, kActGelu = 2, kActSilu = 3 };
 
 // Which kernel family ran last / is forced (fdm_gemm_set_path, fdm_gemm_last_path; used by tests).
-enum GemmPath : int { kPathAuto = 0, kPathSm90 = 1, kPathSm80 = 2, kPathSimt = 3 };
+enum GemmPath : int { kPathAuto = 0, kPathSm90 = 1, kPathSm80 = 2, kPathSimt = 3, kPathGemv = 4 };
 
 // Internal status of a path that cannot take a problem (alignment, size): the caller tries the next path.
 // Never returned through the C ABI.
@@ -160,6 +161,12 @@ int linear_sm80(const LinearProblem& p, int sm_count, cudaStream_t stream);
 int matmul_sm80(const void* a, const void* b, void* c, int64_t batch, int64_t M, int64_t N, int64_t K,
                 int64_t b_batch, int dtype, cudaStream_t stream);
 
+// gemv (gemv.cu): act(x @ w^T + bias) for 1 <= M <= kGemvMaxRows, 16-bit, K % 8 == 0, x and w 16-byte aligned,
+// no gate; gemv_takes says whether it applies.
+constexpr int64_t kGemvMaxRows = 4;
+bool gemv_takes(const LinearProblem& p);
+int linear_gemv(const LinearProblem& p, int sm_count, cudaStream_t stream);
+
 // simt (gemm_simt.cu)
 int gemm_simt(const SimtProblem& p, cudaStream_t stream);
 // out[m, n] = residual[m, n] + gate[m / rows_per_gate, n] * out[m, n], in place (gemm_simt.cu).
@@ -169,6 +176,5 @@ int gated_residual_inplace(void* out, const void* gate, const void* residual, in
 // The dispatching linear (gemm.cu); conv2d (im2col.cu) calls it too.
 int linear_dispatch(const LinearProblem& p, cudaStream_t stream);
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace fdm

@@ -53,8 +53,6 @@ __device__ __forceinline__ void store_pack_cs(T* p, const Pack<T, N>& v) {
 template <typename T>
 constexpr int vec16() { return 16 / static_cast<int>(sizeof(T)); }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 // Sum / max over aligned groups of `width` lanes (a power of two <= 32); every lane of the warp must call.
 __device__ __forceinline__ float group_sum(float v, int width) {
   for (int o = width >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

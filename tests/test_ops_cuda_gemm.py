@@ -3,7 +3,8 @@ against ops.cpu, the float32 reference.
 
 Every kernel family is exercised on the test GPU: the automatic choice (sm90 CUTLASS kernels on Hopper, sm80
 elsewhere, the SIMT kernel for fp32 and odd shapes; the test checks which one ran) and each family forced through
-the fdm_gemm_set_path hook. Shapes include odd M/N/K (1, 17, 129), K and N that are not multiples of 8, a
+the fdm_gemm_set_path hook; x of at most 4 rows goes to the GEMV kernel. Shapes include odd M/N/K (1, 17, 129), K
+and N that are not multiples of 8, a
 misaligned (contiguous) input, non-contiguous views and one FLUX-sized GEMM. Outputs are NaN-poisoned before the
 kernel runs so unwritten elements fail; inputs are fresh random normals.
 """
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.gpu
 NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 DTYPES = list(NP_DTYPES)
 HALF_DTYPES = ["bfloat16", "float16"]
-AUTO, SM90, SM80, SIMT = 0, 1, 2, 3
+AUTO, SM90, SM80, SIMT, GEMV = 0, 1, 2, 3, 4
 # (activation, with bias): the linear epilogues
 EPILOGUES = [(None, False), (None, True), ("gelu_tanh", True), ("gelu", True), ("silu", True)]
 EPILOGUE_IDS = ["plain", "bias", "bias_gelu_tanh", "bias_gelu", "bias_silu"]
@@ -68,6 +69,15 @@ def tensor_core_path() -> int:
     return SM80 if major >= 8 else SIMT
 
 
+def auto_path(dtype: str, m: int, k: int, n: int) -> int:
+    """The path the automatic choice must take for a contiguous, 16-byte aligned linear [m, k] x [n, k]^T."""
+    if dtype == "float32":
+        return SIMT
+    if m <= 4 and k % 8 == 0:
+        return GEMV
+    return tensor_core_path() if k % 8 == 0 and n % 8 == 0 else SIMT
+
+
 def gpu(a: np.ndarray) -> Tensor:
     return Tensor.from_numpy(np.ascontiguousarray(a), device="cuda")
 
@@ -105,9 +115,7 @@ def test_linear_auto_path(rng, dtype, epilogue, shape):
     out = ops_cuda().linear(gpu(x), gpu(w), None if b is None else gpu(b), activation=act,
                             out=poisoned((m, n), dtype))
     check(out, cpu.linear(x, w, b, activation=act), dtype)
-    aligned = k % 8 == 0 and n % 8 == 0
-    expected = tensor_core_path() if dtype != "float32" and aligned else SIMT
-    assert last_path() == expected
+    assert last_path() == auto_path(dtype, m, k, n)
 
 
 @pytest.mark.parametrize("forced", [SM90, SM80, SIMT], ids=["sm90", "sm80", "simt"])
@@ -173,6 +181,49 @@ def test_linear_flux_shape(rng, path):
         out = ops_cuda().linear(xg, wg, bg, activation="gelu_tanh", out=poisoned((m, n), dtype))
         assert last_path() == SM80
         check(out, ref, dtype)
+
+
+# ------------------------------------------------------------------------------------------------- gemv
+# (M, K, N): one to four rows of x; K a multiple of 8 (one 16-byte pack) with and without a partial last sweep of
+# the warp (K / 8 not a multiple of 32 x 4), N odd and below one block's 8 columns
+GEMV_SHAPES = [(1, 8, 1), (2, 64, 7), (3, 520, 300), (4, 1032, 96), (1, 3072, 18432)]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=EPILOGUE_IDS)
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_gemv(rng, dtype, epilogue, shape):
+    act, with_bias = epilogue
+    m, k, n = shape
+    x, w, b = linear_inputs(rng, dtype, m, k, n, with_bias)
+    out = ops_cuda().linear(gpu(x), gpu(w), None if b is None else gpu(b), activation=act,
+                            out=poisoned((m, n), dtype))
+    assert last_path() == GEMV
+    check(out, cpu.linear(x, w, b, activation=act), dtype)
+
+
+def test_linear_gemv_is_deterministic_and_declines_what_it_cannot_take(rng, path):
+    """Repeated runs are bit-identical; fp32, five rows, K % 8 != 0 or a misaligned x go to the other paths, and
+    forcing the GEMV on such a problem is an error rather than a silent fallback."""
+    x, w, b = linear_inputs(rng, "bfloat16", 3, 1024, 200)
+    xg, wg, bg = gpu(x), gpu(w), gpu(b)
+    first = ops_cuda().linear(xg, wg, bg).numpy().view(np.uint16)
+    assert np.array_equal(first, ops_cuda().linear(xg, wg, bg).numpy().view(np.uint16))
+    for dtype, m, k in [("float32", 2, 64), ("bfloat16", 5, 64), ("bfloat16", 2, 60)]:
+        x, w, b = linear_inputs(rng, dtype, m, k, 40)
+        out = ops_cuda().linear(gpu(x), gpu(w), gpu(b))
+        assert last_path() == auto_path(dtype, m, k, 40) != GEMV
+        check(out, cpu.linear(x, w, b), dtype)
+        path(GEMV)
+        with pytest.raises(CudaError, match="gemv"):
+            ops_cuda().linear(gpu(x), gpu(w), gpu(b))
+        path(AUTO)
+    x, w, b = linear_inputs(rng, "bfloat16", 2, 64, 40)
+    flat = gpu(np.concatenate([np.zeros(1, NP_DTYPES["bfloat16"]), x.ravel()]))
+    x_odd = flat.narrow(0, 1, x.size).view(2, 64)  # 2 bytes past a 16-byte boundary
+    out = ops_cuda().linear(x_odd, gpu(w), gpu(b))
+    assert last_path() != GEMV
+    check(out, cpu.linear(x, w, b), "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------- gated residual

@@ -166,8 +166,6 @@ bool tma_stride(int64_t size, int64_t stride, int64_t substitute, int* result) {
   return true;
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 }  // namespace
 
 // Declared in kernels/attention.cu, which dispatches here on sm_90 devices for calls without a mask.

@@ -61,29 +61,6 @@ RowShape row_shape(int64_t C, int G, int V) {
   return s;
 }
 
-// Count, mean and sum of squared deviations of a set of values; nmerge() combines two disjoint sets exactly.
-struct Mom {
-  float n, mean, m2;
-};
-
-__device__ __forceinline__ Mom nmerge(const Mom& a, const Mom& b) {
-  if (b.n == 0.f) return a;
-  if (a.n == 0.f) return b;
-  // Fast division: a weight off by an ulp or two changes nothing measurable.
-  const float n = a.n + b.n, fb = __fdividef(b.n, n), d = b.mean - a.mean;
-  return {n, fmaf(d, fb, a.mean), a.m2 + b.m2 + d * d * a.n * fb};
-}
-
-__device__ __forceinline__ Mom warp_nmerge(Mom m) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const Mom other{__shfl_xor_sync(0xffffffffu, m.n, o), __shfl_xor_sync(0xffffffffu, m.mean, o),
-                    __shfl_xor_sync(0xffffffffu, m.m2, o)};
-    m = nmerge(m, other);
-  }
-  // Lanes may differ in the last bits (merge order); take lane 0's so the whole warp agrees.
-  return {__shfl_sync(0xffffffffu, m.n, 0), __shfl_sync(0xffffffffu, m.mean, 0), __shfl_sync(0xffffffffu, m.m2, 0)};
-}
-
 // Rows of chunk k (all chunks but the last have rpc).
 __device__ __forceinline__ int64_t chunk_rows(int64_t S, int64_t rpc, int64_t k) {
   const int64_t left = S - k * rpc;
@@ -173,10 +150,10 @@ gn_nhwc_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int64_t
     for (int c = threadIdx.x; c < slab_ch; c += blockDim.x) {
       const int ch = slab * slab_ch + c;
       if (ch >= C) break;
-      Mom m{0.f, 0.f, 0.f};
+      Moments m{0.f, 0.f, 0.f};
       for (int r = 0; r < sh.R; ++r) {
         const float2 v = red[r * slab_ch + c];
-        m = nmerge(m, Mom{cnt[r], v.x, v.y});
+        m = merge(m, Moments{cnt[r], v.x, v.y});
       }
       chan[ch] = make_float2(m.mean + (to_f32(x0[ch]) - to_f32(x0[ch - ch % cg])), m.m2);
     }
@@ -224,12 +201,12 @@ gn_nhwc_finalize_kernel(const T* __restrict__ x, const float* __restrict__ stats
   if (g >= G) return;  // a whole warp
   const int64_t Cg = C / G;
   const float* st = stats + (n * G + g) * chunks * 2;
-  Mom m{0.f, 0.f, 0.f};
+  Moments m{0.f, 0.f, 0.f};
   // Unrolled so the loads of several chunks are in flight at once (a few hundred chunks a sample at most).
 #pragma unroll 8
   for (int j = lane; j < chunks; j += 32)
-    m = nmerge(m, Mom{static_cast<float>(chunk_rows(S, rpc, j) * Cg), st[2 * j], st[2 * j + 1]});
-  m = warp_nmerge(m);  // m.mean: mean of x - k
+    m = merge(m, Moments{static_cast<float>(chunk_rows(S, rpc, j) * Cg), st[2 * j], st[2 * j + 1]});
+  m = group_merge(m, 32);  // m.mean: mean of x - k
   const float inv_count = static_cast<float>(1.0 / (static_cast<double>(S) * static_cast<double>(Cg)));
   const float rstd = rsqrtf(fmaxf(m.m2 * inv_count, 0.f) + eps);
   const float ref = to_f32(x[n * S * C + g * Cg]);

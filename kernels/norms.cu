@@ -208,29 +208,6 @@ softmax_kernel(const T* __restrict__ x, T* __restrict__ y, RowLayout L, int64_t 
   }
 }
 
-// Count, mean and sum of squared deviations of a set of values; merge() combines two disjoint sets exactly.
-struct Moments {
-  float n, mean, m2;
-};
-
-__device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
-  const float n = a.n + b.n;
-  if (b.n == 0.f) return a;
-  if (a.n == 0.f) return b;
-  const float d = b.mean - a.mean, fb = b.n / n;
-  return {n, fmaf(d, fb, a.mean), a.m2 + b.m2 + d * d * a.n * fb};
-}
-
-__device__ __forceinline__ Moments warp_merge(Moments m) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const Moments other{__shfl_xor_sync(0xffffffffu, m.n, o), __shfl_xor_sync(0xffffffffu, m.mean, o),
-                        __shfl_xor_sync(0xffffffffu, m.m2, o)};
-    m = merge(m, other);
-  }
-  // Lanes may differ in the last bits (merge order); take lane 0's so the whole warp agrees.
-  return {__shfl_sync(0xffffffffu, m.n, 0), __shfl_sync(0xffffffffu, m.mean, 0), __shfl_sync(0xffffffffu, m.m2, 0)};
-}
-
 // ------------------------------------------------------------------------------------ register row kernels
 // Lane `lane` of a row's group holds packs j = lane + k * width (k < K) of the row's nvec packs: each k is one
 // coalesced sweep of width * 16 bytes.
@@ -278,15 +255,7 @@ __device__ __forceinline__ Moments row_moments(const Pack<T, V> (&p)[K], bool va
   Moments m{cnt, tmean,
             regs_accumulate<T, V, K>(p, valid, lane, width, nvec,
                                      [tmean](float v) { return (v - tmean) * (v - tmean); })};
-  const int gw = width < 32 ? width : 32;  // lanes of a row in one warp
-  for (int off = gw >> 1; off > 0; off >>= 1) {
-    const Moments other{__shfl_xor_sync(0xffffffffu, m.n, off), __shfl_xor_sync(0xffffffffu, m.mean, off),
-                        __shfl_xor_sync(0xffffffffu, m.m2, off)};
-    m = merge(m, other);
-  }
-  // Lanes may differ in the last bits (merge order): take the row's first lane's so the whole row agrees.
-  m = {__shfl_sync(0xffffffffu, m.n, 0, gw), __shfl_sync(0xffffffffu, m.mean, 0, gw),
-       __shfl_sync(0xffffffffu, m.m2, 0, gw)};
+  m = group_merge(m, width < 32 ? width : 32);  // the row's lanes in one warp
   if (width <= 32) return m;
   const int nwarps = blockDim.x >> 5;  // the block is one row: every thread merges the warps in the same order
   if ((threadIdx.x & 31) == 0) warp_moms[threadIdx.x >> 5] = m;
@@ -535,13 +504,13 @@ group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ ws, int64_t
       acc = merge(acc, Moments{cnt, mean, m2});
     }
   }
-  acc = warp_merge(acc);
+  acc = group_merge(acc, 32);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) part[warp] = acc;
   __syncthreads();
   if (warp == 0) {
     Moments m = lane < kGnThreads / 32 ? part[lane] : Moments{0.f, 0.f, 0.f};
-    m = warp_merge(m);
+    m = group_merge(m, 32);
     if (lane == 0) {
       ws[(ng * chunks + blockIdx.x) * 2] = m.mean;
       ws[(ng * chunks + blockIdx.x) * 2 + 1] = m.m2;
@@ -577,7 +546,7 @@ group_norm_apply_kernel(const T* __restrict__ x, const float* __restrict__ ws, c
     const float nk = static_cast<float>(piece_len(L, chunk, k));
     if (nk > 0.f) m = merge(m, Moments{nk, st[2 * k], st[2 * k + 1]});
   }
-  m = warp_merge(m);
+  m = group_merge(m, 32);
   const float mean = m.mean, rstd = rsqrtf(m.m2 / static_cast<float>(L) + eps);
 
   const int64_t ch0 = (ng % G) * Cg;  // first channel of the group

@@ -63,6 +63,31 @@ __device__ __forceinline__ float group_max(float v, int width) {
   return v;
 }
 
+// Count, mean and sum of squared deviations of a set of values (float32); merge() combines two disjoint sets
+// exactly (Chan et al.), with a fast division for the weight: an ulp or two there changes nothing measurable.
+struct Moments {
+  float n, mean, m2;
+};
+
+__device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
+  if (b.n == 0.f) return a;
+  if (a.n == 0.f) return b;
+  const float n = a.n + b.n, fb = __fdividef(b.n, n), d = b.mean - a.mean;
+  return {n, fmaf(d, fb, a.mean), a.m2 + b.m2 + d * d * a.n * fb};
+}
+
+// merge() over aligned groups of `width` lanes (a power of two <= 32); every lane of the warp must call. Lanes may
+// differ in the last bits (merge order), so every lane gets its group's first lane's result.
+__device__ __forceinline__ Moments group_merge(Moments m, int width) {
+  for (int o = width >> 1; o > 0; o >>= 1) {
+    const Moments other{__shfl_xor_sync(0xffffffffu, m.n, o), __shfl_xor_sync(0xffffffffu, m.mean, o),
+                        __shfl_xor_sync(0xffffffffu, m.m2, o)};
+    m = merge(m, other);
+  }
+  return {__shfl_sync(0xffffffffu, m.n, 0, width), __shfl_sync(0xffffffffu, m.mean, 0, width),
+          __shfl_sync(0xffffffffu, m.m2, 0, width)};
+}
+
 // Reduction over the threads that share one row: a group of `width` <= 32 lanes, or (width == blockDim.x > 32)
 // the whole block through `smem` (32 floats). Every thread of the block must call it; the result is broadcast.
 template <bool kMax>

@@ -91,6 +91,14 @@ def check_weights(shapes: Mapping[str, Sequence[int]], expected: Mapping[str, tu
         "convert other layouts (original / single-file checkpoints) to the diffusers layout first.")
 
 
+def check_model_weights(weights: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], what: str,
+                        source: str) -> None:
+    """What a model's constructor checks of the weights dict it is given: every expected tensor present with its
+    shape, nothing unexpected (check_weights), and one dtype throughout (check_one_dtype)."""
+    check_weights({n: t.shape for n, t in weights.items()}, expected, what, source)
+    check_one_dtype(weights, source)
+
+
 def check_one_dtype(weights: Mapping[str, Tensor], source: str) -> None:
     """Models compute in one dtype: refuse a weights dict that mixes several, naming them."""
     stored = sorted({t.dtype.name for t in weights.values()})

@@ -26,7 +26,7 @@ from ...runtime import ops
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError, ShapeError
 from ...runtime.tensor import Tensor, empty
-from ..loading import check_one_dtype, check_weights, component_folder, load_weights, read_config
+from ..loading import check_model_weights, component_folder, load_weights, read_config
 
 ROPE_THETA = 10000.0
 TIME_PROJ_DIM = 256  # width of the sinusoidal timestep / guidance features
@@ -248,10 +248,9 @@ class FluxTransformer:
         """`weights` maps diffusers state-dict names to Tensors (all on one device, in the compute dtype). The dict
         is consumed: tensors are removed from it as they are fused into the model's layout, so a checkpoint is
         never held twice. Pass `dict(weights)` to keep yours."""
-        check_weights({n: t.shape for n, t in weights.items()}, expected_weights(config), WHAT, source)
+        check_model_weights(weights, expected_weights(config), WHAT, source)
         cfg = self.config = config
         w = weights
-        check_one_dtype(w, source)
         self.device = w["x_embedder.weight"].device
         self.dtype: DType = w["x_embedder.weight"].dtype
         self.time_embedder = TimestepEmbedder(w, "time_text_embed.timestep_embedder.")

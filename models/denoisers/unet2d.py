@@ -31,7 +31,7 @@ from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError, ShapeError
 from ...runtime.graphs import CapturedCall, graphs_enabled
 from ...runtime.tensor import Tensor
-from ..loading import check_one_dtype, check_weights, component_folder, load_weights, read_config
+from ..loading import check_model_weights, component_folder, load_weights, read_config
 from .unet2d_blocks import (
     FF_MULT,
     AttnPlan,
@@ -290,10 +290,9 @@ class UNet2DCondition:
         """`weights` maps diffusers state-dict names to Tensors (all on one device, in the compute dtype). The dict
         is consumed: tensors are removed from it as they are fused into the model's layout, so a checkpoint is
         never held twice. Pass `dict(weights)` to keep yours."""
-        check_weights({n: t.shape for n, t in weights.items()}, expected_weights(config), WHAT, source)
+        check_model_weights(weights, expected_weights(config), WHAT, source)
         cfg = self.config = config
         w = weights
-        check_one_dtype(w, source)
         self.device = w["conv_in.weight"].device
         self.dtype: DType = w["conv_in.weight"].dtype
         groups, eps = cfg.norm_num_groups, cfg.norm_eps

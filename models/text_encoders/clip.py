@@ -31,7 +31,7 @@ from ...runtime import ops, safetensors
 from ...runtime.dtypes import DType
 from ...runtime.errors import InvalidArgumentError, ModelLayoutError, ShapeError, UnsupportedDtypeError
 from ...runtime.tensor import Tensor
-from ..loading import check_one_dtype, check_weights, component_folder, read_config
+from ..loading import check_model_weights, check_weights, component_folder, read_config
 
 WHAT = "CLIP text encoder (CLIPTextModel)"
 WHAT_PROJECTION = "CLIP text encoder with projection (CLIPTextModelWithProjection)"
@@ -230,9 +230,7 @@ class CLIPTextModel:
         `dict(weights)` to keep yours."""
         names = published_names(weights)
         w = {published: weights.pop(stored) for stored, published in names.items()}
-        check_weights({n: t.shape for n, t in w.items()}, expected_weights(config, self.WITH_PROJECTION), self.WHAT,
-                      source)
-        check_one_dtype(w, source)
+        check_model_weights(w, expected_weights(config, self.WITH_PROJECTION), self.WHAT, source)
         cfg = self.config = config
         self.token_embedding = w.pop(PREFIX + "embeddings.token_embedding.weight")  # [V, D]
         self.position_embedding = w.pop(PREFIX + "embeddings.position_embedding.weight")  # [P, D]

@@ -33,7 +33,7 @@ from ...runtime import dtypes, ops, safetensors
 from ...runtime.dtypes import DType
 from ...runtime.errors import ModelLayoutError, UnsupportedDtypeError
 from ...runtime.tensor import Tensor
-from ..loading import check_one_dtype, check_weights, component_folder, read_config
+from ..loading import check_model_weights, check_weights, component_folder, read_config
 from .clip import attention_with_bias, key_mask, mask_value, token_ids
 
 EMBEDDING = "shared.weight"
@@ -221,8 +221,7 @@ class T5EncoderModel:
         `dict(weights)` to keep yours."""
         names = encoder_names(weights)
         w = {name: weights.pop(stored) for stored, name in names.items()}
-        check_weights({n: t.shape for n, t in w.items()}, expected_weights(config), self.what(config), source)
-        check_one_dtype(w, source)
+        check_model_weights(w, expected_weights(config), self.what(config), source)
         cfg = self.config = config
         self.embedding = w.pop(EMBEDDING)  # [V, D]
         self.device = self.embedding.device

@@ -25,7 +25,7 @@ from ...runtime import ops
 from ...runtime.dtypes import DType
 from ...runtime.errors import ModelLayoutError, ShapeError
 from ...runtime.tensor import Tensor
-from ..loading import check_one_dtype, check_weights, component_folder, load_weights, read_config
+from ..loading import check_model_weights, component_folder, load_weights, read_config
 from .blocks import Conv2d, Downsample2D, LayerStack, NormActConv, ResnetBlock2D, SpatialSelfAttention, Upsample2D
 from .tiling import choose_tile, decode_tiled
 
@@ -203,8 +203,7 @@ class AutoencoderKL:
     def __init__(self, config: AutoencoderKLConfig, weights: dict[str, Tensor], source: str = "the weights dict"):
         """`weights` maps diffusers state-dict names to Tensors (all on one device, in the compute dtype). The dict
         is consumed (tensors are removed as the layers take them); pass `dict(weights)` to keep yours."""
-        check_weights({n: t.shape for n, t in weights.items()}, expected_weights(config), WHAT, source)
-        check_one_dtype(weights, source)
+        check_model_weights(weights, expected_weights(config), WHAT, source)
         self.config = cfg = config
         w = weights
         self.device = w["decoder.conv_in.weight"].device

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -31,18 +30,7 @@ from fastdm.runtime.dlpack import from_dlpack
 from fastdm import kernels as fdm_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import device_ms  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-
-
-def _bench_shapes() -> dict[str, tuple[int, int, int]]:
-    """GEMM_SHAPES of bench/kernels.py (loaded by path: a plain `import kernels` could find fastdm's kernels/)."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return dict(mod.GEMM_SHAPES)
-
+from timing import device_ms, gemm_bench_shapes  # noqa: E402
 
 EXTRA_SHAPES = {  # name: (M, K, N)
     "sdxl 64x64 attn proj 640->640": (8192, 640, 640),
@@ -234,7 +222,7 @@ def main() -> None:
     for i, name in enumerate(names):
         print(f"  config {i}: {name}")
 
-    shapes = {**_bench_shapes(), **EXTRA_SHAPES}
+    shapes = {**gemm_bench_shapes(), **EXTRA_SHAPES}
     torch.manual_seed(0)
     rows = []
     # One stream for both libraries: fastdm's GEMMs queue behind the same spin as torch's.

@@ -1,7 +1,9 @@
-"""Timing helpers shared by the benchmarks: device-event medians for fastdm and for torch, card ceilings."""
+"""Timing helpers shared by the benchmarks: device-event medians for fastdm and for torch, card ceilings, and the
+GEMM shapes of bench/kernels.py for the scripts that look at GEMMs alone."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -132,3 +134,12 @@ def pipeline_table(script: str, folder: Path, steps: int, size: int, title: str)
                        ("load_s", "load s")):
         vals = [f"{res[i][key]:.2f}" if i in res else "failed" for i in ("torch", "fastdm")]
         print(f"| {label} | {vals[0]} | {vals[1]} |", flush=True)
+
+
+def gemm_bench_shapes() -> dict[str, tuple[int, int, int]]:
+    """GEMM_SHAPES of bench/kernels.py, name -> (M, K, N) (loaded by path: a plain `import kernels` could find
+    fastdm's kernels/ package instead)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).resolve().parent / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return dict(mod.GEMM_SHAPES)

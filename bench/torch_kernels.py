@@ -7,27 +7,21 @@ For reading alongside ncu: the tile shape, stages and cluster are in cuBLAS's ke
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import torch  # bench/ is the baseline side: torch is allowed here
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-HERE = Path(__file__).resolve().parent
-
-
-def bench_shapes() -> dict[str, tuple[int, int, int]]:
-    spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return dict(mod.GEMM_SHAPES)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import gemm_bench_shapes  # noqa: E402
 
 
 def main() -> None:
     print("| shape (M, K, N) | torch kernel | us per call |")
     print("|---|---|---|")
-    for name, (m, k, n) in bench_shapes().items():
+    for name, (m, k, n) in gemm_bench_shapes().items():
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         b = torch.randn(n, dtype=torch.bfloat16, device="cuda")

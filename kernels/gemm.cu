@@ -133,7 +133,7 @@ int sm90_rule(const LinearProblem& p, int sm_count) {
 int gated_sibling(int config) {
   if (sm90_config_takes_gate(kSm90Configs[config])) return config;
   const Sm90Config& c = kSm90Configs[config];
-  const Sm90Kernel full = c.kernel == kSm90Coop192x192Lean ? kSm90Coop192x192 : kSm90Coop128x256;
+  const Sm90Kernel full = sm90_full_kernel(c.kernel);
   for (int i = 0; i < kSm90ConfigCount; ++i) {
     const Sm90Config& d = kSm90Configs[i];
     if (d.kernel == full && d.decomp == c.decomp && d.raster == c.raster && d.swizzle == c.swizzle) return i;
@@ -204,8 +204,6 @@ int run_sm80(const LinearProblem& p, int sm_count, cudaStream_t stream) {
   if (st || !p.gate) return st;
   return gated_residual_inplace(p.out, p.gate, p.residual, p.M, p.N, p.rows_per_gate, p.dtype, stream);
 }
-
-bool is_16bit(int dtype) { return dtype == FDM_BF16 || dtype == FDM_F16; }
 
 int check_dtype(int dtype) {
   if (dtype == FDM_F32 || is_16bit(dtype)) return 0;
@@ -402,11 +400,11 @@ FDM_API int fdm_gemm_sm90_config_name(int config, char* buf, int64_t len) {
   if (config < 0 || config >= kSm90ConfigCount)
     return arg_error("sm90 GEMM configuration %d does not exist (want 0..%d)", config, kSm90ConfigCount - 1);
   if (!buf || len < 1) return arg_error("config name buffer is empty");
-  static const char* const kernels[] = {"coop 128x256 c2x1",          "coop 256x128 c1x2",
-                                        "coop 128x128 c1x1",          "pingpong 128x128 c1x1",
-                                        "pingpong 128x128 c2x1",      "coop 128x256 c2x1 lean",
-                                        "coop 128x160 c1x1",          "coop 192x192 c2x1 n-split",
-                                        "coop 192x192 c2x1 n-split lean", "pingpong 64x256 c2x1"};
+  static const char* const kernels[] = {
+      "coop 128x256 c2x1",     "coop 256x128 c1x2",         "coop 128x128 c1x1",
+      "pingpong 128x128 c1x1", "pingpong 128x128 c2x1",     "coop 128x256 c2x1 lean",
+      "coop 128x160 c1x1",     "coop 192x192 c2x1 n-split", "coop 192x192 c2x1 n-split lean",
+      "pingpong 64x256 c2x1"};
   static const char* const decomps[] = {"data-parallel", "stream-k heuristic", "stream-k"};
   static_assert(sizeof(kernels) / sizeof(kernels[0]) == kSm90KernelCount);
   const Sm90Config& c = kSm90Configs[config];

@@ -19,6 +19,8 @@ enum GemmPath : int { kPathAuto = 0, kPathSm90 = 1, kPathSm80 = 2, kPathSimt = 3
 // Never returned through the C ABI.
 constexpr int kGemmNotSupported = -1000;
 
+inline bool is_16bit(int dtype) { return dtype == FDM_BF16 || dtype == FDM_F16; }
+
 __host__ __device__ __forceinline__ float apply_act(float x, int act) {
   // Accurate libm functions (no fast-math): fp32 results are checked to 1e-5.
   switch (act) {
@@ -144,10 +146,13 @@ inline constexpr Sm90Config kSm90Configs[] = {
 };
 inline constexpr int kSm90ConfigCount = int(sizeof(kSm90Configs) / sizeof(kSm90Configs[0]));
 
-// Whether a configuration can run gated problems (gate/residual set): the lean epilogues have no C operand.
-inline constexpr bool sm90_config_takes_gate(const Sm90Config& c) {
-  return c.kernel != kSm90Coop128x256Lean && c.kernel != kSm90Coop192x192Lean;
+// The C-reading kernel a lean (C-free epilogue) kernel is the sibling of; any other kernel itself.
+inline constexpr Sm90Kernel sm90_full_kernel(Sm90Kernel k) {
+  return k == kSm90Coop128x256Lean ? kSm90Coop128x256 : k == kSm90Coop192x192Lean ? kSm90Coop192x192 : k;
 }
+
+// Whether a configuration can run gated problems (gate/residual set): the lean epilogues have no C operand.
+inline constexpr bool sm90_config_takes_gate(const Sm90Config& c) { return sm90_full_kernel(c.kernel) == c.kernel; }
 
 // sm90 (kernels/sm90/gemm_sm90*.cu; declared only where they are compiled in). Returns kGemmNotSupported when
 // the configuration cannot take the problem (alignment, sizes, a gate on the lean kernel).

@@ -16,7 +16,7 @@ template <typename T, int M>
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
             int64_t N, int K, int act) {
-  constexpr int V = 8;  // elements per 16-byte pack
+  constexpr int V = vec16<T>();  // elements per 16-byte pack
   const int lane = threadIdx.x & 31;
   const int packs = K / V;
   const int64_t warps = int64_t(gridDim.x) * (kGemvThreads / 32);
@@ -80,7 +80,7 @@ int gemv_by_rows(const LinearProblem& p, int sm_count, cudaStream_t stream) {
 }  // namespace
 
 bool gemv_takes(const LinearProblem& p) {
-  return (p.dtype == FDM_BF16 || p.dtype == FDM_F16) && !p.gate && p.M >= 1 && p.M <= kGemvMaxRows && p.K > 0 &&
+  return is_16bit(p.dtype) && !p.gate && p.M >= 1 && p.M <= kGemvMaxRows && p.K > 0 &&
          p.K % 8 == 0 && p.K <= (int64_t{1} << 30) && aligned16(p.x) && aligned16(p.w);
 }
 

@@ -19,7 +19,6 @@
 namespace fdm {
 namespace {
 
-
 struct RowLayout {
   int64_t rows, inner;  // total rows; rows per outer index
   int64_t xs_o, xs_i;   // input strides (elements)

@@ -104,18 +104,24 @@ def linear_inputs(rng, dtype, m, k, n, bias=True):
     return x, w, b
 
 
-# ----------------------------------------------------------------------------------------------- linear
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("epilogue", EPILOGUES, ids=EPILOGUE_IDS)
-@pytest.mark.parametrize("shape", ALIGNED_SHAPES + ODD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_linear_auto_path(rng, dtype, epilogue, shape):
+def run_linear(rng, dtype, shape, epilogue) -> tuple[Tensor, np.ndarray]:
+    """ops.cuda.linear on fresh inputs of `shape` (M, K, N) into a poisoned output, and ops.cpu's reference."""
     act, with_bias = epilogue
     m, k, n = shape
     x, w, b = linear_inputs(rng, dtype, m, k, n, with_bias)
     out = ops_cuda().linear(gpu(x), gpu(w), None if b is None else gpu(b), activation=act,
                             out=poisoned((m, n), dtype))
-    check(out, cpu.linear(x, w, b, activation=act), dtype)
-    assert last_path() == auto_path(dtype, m, k, n)
+    return out, cpu.linear(x, w, b, activation=act)
+
+
+# ----------------------------------------------------------------------------------------------- linear
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=EPILOGUE_IDS)
+@pytest.mark.parametrize("shape", ALIGNED_SHAPES + ODD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_auto_path(rng, dtype, epilogue, shape):
+    out, ref = run_linear(rng, dtype, shape, epilogue)
+    check(out, ref, dtype)
+    assert last_path() == auto_path(dtype, *shape)
 
 
 @pytest.mark.parametrize("forced", [SM90, SM80, SIMT], ids=["sm90", "sm80", "simt"])
@@ -127,14 +133,10 @@ def test_linear_forced_path(rng, path, forced, dtype, epilogue, shape):
         pytest.skip("the sm90 kernels need a Hopper GPU and a library built for sm_90a")
     if forced == SM80 and tensor_core_path() == SIMT:
         pytest.skip("the sm80 kernels need compute capability 8.0 or newer")
-    act, with_bias = epilogue
-    m, k, n = shape
-    x, w, b = linear_inputs(rng, dtype, m, k, n, with_bias)
     path(forced)
-    out = ops_cuda().linear(gpu(x), gpu(w), None if b is None else gpu(b), activation=act,
-                            out=poisoned((m, n), dtype))
+    out, ref = run_linear(rng, dtype, shape, epilogue)
     assert last_path() == forced
-    check(out, cpu.linear(x, w, b, activation=act), dtype)
+    check(out, ref, dtype)
 
 
 def test_linear_activation_without_bias(rng):
@@ -193,13 +195,9 @@ GEMV_SHAPES = [(1, 8, 1), (2, 64, 7), (3, 520, 300), (4, 1032, 96), (1, 3072, 18
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=EPILOGUE_IDS)
 @pytest.mark.parametrize("shape", GEMV_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_linear_gemv(rng, dtype, epilogue, shape):
-    act, with_bias = epilogue
-    m, k, n = shape
-    x, w, b = linear_inputs(rng, dtype, m, k, n, with_bias)
-    out = ops_cuda().linear(gpu(x), gpu(w), None if b is None else gpu(b), activation=act,
-                            out=poisoned((m, n), dtype))
+    out, ref = run_linear(rng, dtype, shape, epilogue)
     assert last_path() == GEMV
-    check(out, cpu.linear(x, w, b, activation=act), dtype)
+    check(out, ref, dtype)
 
 
 def test_linear_gemv_is_deterministic_and_declines_what_it_cannot_take(rng, path):

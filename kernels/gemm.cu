@@ -52,9 +52,13 @@ constexpr int kCfgCoop128x256Dp = 0;      // coop 128x256 c2x1, data-parallel, a
 constexpr int kCfgCoop128x256Sk = 5;      // coop 128x256 c2x1, stream-K over a partial last wave
 constexpr int kCfgCoop128x128Sk = 10;     // coop 128x128 c1x1, stream-K over a partial last wave
 constexpr int kCfgPingpong128x128 = 12;   // ping-pong 128x128 c1x1, data-parallel, auto tile order
+constexpr int kCfgCoop128x160Dp = 17;     // coop 128x160 c1x1, data-parallel, auto tile order
 static_assert(kSm90Configs[kCfgCoop128x256Dp].kernel == kSm90Coop128x256 &&
               kSm90Configs[kCfgCoop128x256Dp].decomp == kDecompDataParallel &&
               kSm90Configs[kCfgCoop128x256Dp].raster == kRasterAuto);
+static_assert(kSm90Configs[kCfgCoop128x160Dp].kernel == kSm90Coop128x160 &&
+              kSm90Configs[kCfgCoop128x160Dp].decomp == kDecompDataParallel &&
+              kSm90Configs[kCfgCoop128x160Dp].raster == kRasterAuto);
 static_assert(kSm90Configs[kCfgCoop128x256Sk].kernel == kSm90Coop128x256 &&
               kSm90Configs[kCfgCoop128x256Sk].decomp == kDecompHeuristic &&
               kSm90Configs[kCfgCoop128x256Sk].raster == kRasterAuto);
@@ -76,8 +80,8 @@ constexpr Sm90Winner kSm90Winners[] = {
     // per shape, {M, N, K, plain, gated, act}. Times: fastdm vs cuBLAS (gated: vs torch's linear + mul + add;
     // act: vs linear + gelu_tanh), one sweep; differences under ~2% are run-to-run noise.
     // FLUX.1 1024x1024: 4096 image + 512 text tokens
-    {4608, 9216, 3072, 0, -1, -1},    // qkv: 0.368 ms vs 0.339
-    {4608, 12288, 3072, 20, -1, 24},  // mlp up: 0.509 vs 0.498; gelu_tanh 0.528 vs 0.595 (pingpong 64x256)
+    {4608, 9216, 3072, 22, -1, -1},   // qkv: 0.354 ms vs 0.335 (session 9; config 0 0.363)
+    {4608, 12288, 3072, 22, -1, 22},  // mlp up: 0.507 vs 0.445-0.492; gelu_tanh 0.517 vs 0.616 (session 9)
     {4608, 3072, 12288, 16, 5, -1},   // mlp down: 0.471 vs 0.494; gated 0.477 vs 0.548
     {4608, 3072, 15360, 20, 5, -1},   // single-block out: 0.579 vs 0.605; gated 0.641 vs 0.647
     {4608, 3072, 3072, 14, 14, -1},   // attention out: 0.123 vs 0.116; gated 0.126 vs 0.178
@@ -94,12 +98,12 @@ constexpr Sm90Winner kSm90Winners[] = {
     // SDXL 1024x1024, batch 2 (CFG). Gated: the UNet's residual projections (gate = ones, batch folded into rows)
     {8192, 5120, 640, 12, -1, -1},    // 64x64 ff up: 0.092 vs 0.091
     {2048, 10240, 1280, 13, -1, -1},  // 32x32 ff up: 0.077 vs 0.076
-    {2048, 1280, 5120, 11, 10, -1},   // 32x32 ff down: 0.047 vs 0.037; gated 0.049 vs 0.051
+    {2048, 1280, 5120, 17, 17, -1},   // 32x32 ff down: 0.041 vs 0.036; gated 0.041 vs 0.051 (64x160 wgmma, session 9)
     {8192, 640, 640, 12, 12, -1},     // 64x64 attention projections: 0.019 vs 0.017; gated 0.020 vs 0.036
-    {2048, 1280, 1280, 17, 12, -1},   // 32x32 attention projections: 0.020 vs 0.012; gated 0.020 vs 0.024
+    {2048, 1280, 1280, 17, 17, -1},   // 32x32 attention projections: 0.016 vs 0.012; gated 0.017 vs 0.024
     {2048, 3840, 1280, 12, -1, -1},   // 32x32 qkv: 0.033 vs 0.032
     {8192, 1920, 640, 14, -1, -1},    // 64x64 qkv: 0.040 vs 0.036
-    {8192, 640, 2560, 12, 12, -1},    // 64x64 ff down: 0.046 vs 0.039; gated 0.047 vs 0.060
+    {8192, 640, 2560, 18, 18, -1},    // 64x64 ff down: 0.043 vs 0.038; gated 0.045 vs 0.060
     // Wan2.2-TI2V-5B 704x1280x121
     {27280, 14336, 3072, 14, -1, -1},  // ff up: 3.689 vs 3.552
     {27280, 3072, 14336, 16, -1, -1},  // ff down: 3.531 vs 3.478
@@ -117,6 +121,10 @@ static_assert(winners_valid(), "kSm90Winners names a configuration that does not
 
 // Shapes without a measured winner.
 int sm90_rule(const LinearProblem& p, int sm_count) {
+  // Narrow outputs in whole 160-column tiles (SDXL's 640 and 1280): 128x160 tiles make 16-25% more CTAs than
+  // 128x256 ones could fill and waste no columns. With 64x160 wgmmas (session 9) it was the fastest or within 1%
+  // on every such SDXL shape, 1024x1024 and 832x1216, K from 640 to 5120 (8-23% ahead of the rules below).
+  if (p.N % 160 == 0 && p.N <= 1280) return kCfgCoop128x160Dp;
   // Short K (at most 40 k-blocks of 64) leaves few MMAs per tile to hide a cooperative kernel's epilogue behind;
   // ping-pong overlaps one tile's epilogue with the other warp group's MMAs. In the 2026-11-26 sweep it was within
   // 0-2% of the fastest configuration on every SDXL shape with K <= 2560 (plain and gated), where the previous
@@ -403,8 +411,7 @@ FDM_API int fdm_gemm_sm90_config_name(int config, char* buf, int64_t len) {
   static const char* const kernels[] = {
       "coop 128x256 c2x1",     "coop 256x128 c1x2",         "coop 128x128 c1x1",
       "pingpong 128x128 c1x1", "pingpong 128x128 c2x1",     "coop 128x256 c2x1 lean",
-      "coop 128x160 c1x1",     "coop 192x192 c2x1 n-split", "coop 192x192 c2x1 n-split lean",
-      "pingpong 64x256 c2x1"};
+      "coop 128x160 c1x1",     "coop 192x192 c2x1 n-split", "coop 192x192 c2x1 n-split lean"};
   static const char* const decomps[] = {"data-parallel", "stream-k heuristic", "stream-k"};
   static_assert(sizeof(kernels) / sizeof(kernels[0]) == kSm90KernelCount);
   const Sm90Config& c = kSm90Configs[config];

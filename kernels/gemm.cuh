@@ -92,7 +92,6 @@ enum Sm90Kernel : int {
   kSm90Coop192x192,      // cooperative 192x192x64, cluster 2x1 (B multicast), stream-K scheduler, the warp groups
                          // splitting the tile along N (192x96 each): cuBLAS's tiling for the large FLUX GEMMs
   kSm90Coop192x192Lean,  // kSm90Coop192x192 with the epilogue that never reads C: plain linear only (no gate)
-  kSm90Pingpong64x256C2,  // ping-pong 64x256x64 (per warp group), cluster 2x1, persistent scheduler (no stream-K)
   kSm90KernelCount
 };
 
@@ -142,7 +141,6 @@ inline constexpr Sm90Config kSm90Configs[] = {
     {kSm90Coop192x192, kDecompHeuristic, kRasterAuto, 1},          // 21
     {kSm90Coop192x192Lean, kDecompDataParallel, kRasterAuto, 1},   // 22
     {kSm90Coop192x192Lean, kDecompHeuristic, kRasterAuto, 1},      // 23
-    {kSm90Pingpong64x256C2, kDecompDataParallel, kRasterAuto, 1},  // 24
 };
 inline constexpr int kSm90ConfigCount = int(sizeof(kSm90Configs) / sizeof(kSm90Configs[0]));
 

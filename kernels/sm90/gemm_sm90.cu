@@ -150,7 +150,6 @@ int linear_sm90(const LinearProblem& p, const Sm90Config& config, int sm_count, 
     case kSm90Coop128x160: return sm90::run_coop128x160(p, config, sm_count, stream);
     case kSm90Coop192x192: return sm90::run_coop192x192(p, config, sm_count, stream);
     case kSm90Coop192x192Lean: return sm90::run_coop192x192lean(p, config, sm_count, stream);
-    case kSm90Pingpong64x256C2: return sm90::run_pingpong64x256c2(p, config, sm_count, stream);
     default: return kGemmNotSupported;
   }
 }

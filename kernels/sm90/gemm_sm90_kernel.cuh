@@ -342,11 +342,6 @@ using Coop192x192 = Sm90Linear<E, Shape<_192, _192, _64>, Shape<_2, _1, _1>,
 template <typename E, typename Cluster>
 using Pingpong128x128 = Sm90Linear<E, Shape<_128, _128, _64>, Cluster, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                                    cutlass::epilogue::TmaWarpSpecialized, cutlass::gemm::PersistentScheduler, false>;
-// 64x256 per warp group: the N extent of the cooperative 128x256 tile (same B bytes per MMA), with one warp group's
-// epilogue overlapping the other's MMAs.
-template <typename E, typename Cluster>
-using Pingpong64x256 = Sm90Linear<E, Shape<_64, _256, _64>, Cluster, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                                  cutlass::epilogue::TmaWarpSpecialized, cutlass::gemm::PersistentScheduler, false>;
 
 // Runs Family<bf16> or Family<f16> by p.dtype.
 template <template <typename> class Family>

@@ -285,7 +285,8 @@ def test_rms_norm_heads_flux_size(rng, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- GroupNorm
-GN = [((2, 512, 128, 128), 32), ((1, 32, 99, 101), 8), ((3, 64, 17, 16), 32), ((1, 40, 8, 8), 4), ((2, 6, 3), 3)]
+GN = [((2, 512, 128, 128), 32), ((1, 32, 99, 101), 8), ((3, 64, 17, 16), 32), ((1, 40, 8, 8), 4), ((2, 6, 3), 3),
+      ((1, 64, 40, 64), 4), ((1, 64, 1024, 65), 4)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -293,7 +294,8 @@ GN = [((2, 512, 128, 128), 32), ((1, 32, 99, 101), 8), ((3, 64, 17, 16), 32), ((
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_group_norm_sizes(rng, dtype, shape, groups, activation):
     """The SDXL VAE decoder size (bench), an odd spatial size (scalar kernel, several tiles a piece, a partial last
-    piece), 16-wide rows (vector kernel, pieces shorter than a tile), and tiny groups."""
+    piece), 16-wide rows (vector kernel, pieces shorter than a tile), tiny groups, a group of 40960 and one of
+    1 M elements."""
     x = rand(rng, dtype, *shape, scale=3.0, shift=5.0)
     c = shape[1]
     w, b = rand(rng, dtype, c, shift=1.0), rand(rng, dtype, c)

@@ -81,33 +81,33 @@ constexpr Sm90Winner kSm90Winners[] = {
     // per shape, {M, N, K, plain, gated}. Times: fastdm vs cuBLAS (gated: vs torch's linear + mul + add; gelu_tanh:
     // vs linear + gelu_tanh), one sweep; differences under ~4% are run-to-run noise.
     // FLUX.1 1024x1024: 4096 image + 512 text tokens
-    {4608, 9216, 3072, 22, -1},   // qkv: 0.354 ms vs 0.335 (session 9; config 0 0.363)
-    {4608, 12288, 3072, 22, -1},  // mlp up: 0.507 vs 0.445-0.492; gelu_tanh 0.517 vs 0.616 (session 9)
-    {4608, 3072, 12288, 16, 5},   // mlp down: 0.471 vs 0.494; gated 0.477 vs 0.548
-    {4608, 3072, 15360, 20, 5},   // single-block out: 0.579 vs 0.605; gated 0.641 vs 0.647
-    {4608, 3072, 3072, 14, 14},   // attention out: 0.123 vs 0.116; gated 0.126 vs 0.178
+    {4608, 9216, 3072, 22, -1},    // qkv: 0.354 ms vs 0.335 (session 9; config 0 0.363)
+    {4608, 12288, 3072, 22, -1},   // mlp up: 0.507 vs 0.445-0.492; gelu_tanh 0.517 vs 0.616 (session 9)
+    {4608, 3072, 12288, 16, 5},    // mlp down: 0.471 vs 0.494; gated 0.477 vs 0.548
+    {4608, 3072, 15360, 20, 5},    // single-block out: 0.579 vs 0.605; gated 0.641 vs 0.647
+    {4608, 3072, 3072, 14, 14},    // attention out: 0.123 vs 0.116; gated 0.126 vs 0.178
     // FLUX.1 1024x1024 double-stream blocks, image stream (4096 rows) and text stream (512 rows) apart; the rule
     // picked configurations 5 / 10 here, 5-40% slower
-    {4096, 9216, 3072, 12, -1},   // img qkv: 0.320 vs 0.309 (rule: 0.354)
-    {4096, 12288, 3072, 12, -1},  // img mlp up: 0.436 vs 0.413; gelu_tanh 0.466 vs 0.470 (rule: 0.559)
-    {4096, 3072, 12288, 8, 5},    // img mlp down: 0.409 vs 0.407; gated 0.420 vs 0.473
-    {4096, 3072, 3072, 12, 12},   // img attention out: 0.107 vs 0.107; gated 0.110 vs 0.153
-    {512, 9216, 3072, 11, -1},    // txt qkv: 0.051 vs 0.043 (rule: 0.060)
-    {512, 12288, 3072, 12, -1},   // txt mlp up: 0.058 vs 0.056; gelu_tanh 0.059 vs 0.064 (rule: 0.083)
-    {512, 3072, 12288, 11, 11},   // txt mlp down: 0.061 vs 0.055; gated 0.062 vs 0.064
-    {512, 3072, 3072, 9, 10},     // txt attention out: 0.022 vs 0.016; gated 0.022 vs 0.025
+    {4096, 9216, 3072, 12, -1},    // img qkv: 0.320 vs 0.309 (rule: 0.354)
+    {4096, 12288, 3072, 12, -1},   // img mlp up: 0.436 vs 0.413; gelu_tanh 0.466 vs 0.470 (rule: 0.559)
+    {4096, 3072, 12288, 8, 5},     // img mlp down: 0.409 vs 0.407; gated 0.420 vs 0.473
+    {4096, 3072, 3072, 12, 12},    // img attention out: 0.107 vs 0.107; gated 0.110 vs 0.153
+    {512, 9216, 3072, 11, -1},     // txt qkv: 0.051 vs 0.043 (rule: 0.060)
+    {512, 12288, 3072, 12, -1},    // txt mlp up: 0.058 vs 0.056; gelu_tanh 0.059 vs 0.064 (rule: 0.083)
+    {512, 3072, 12288, 11, 11},    // txt mlp down: 0.061 vs 0.055; gated 0.062 vs 0.064
+    {512, 3072, 3072, 9, 10},      // txt attention out: 0.022 vs 0.016; gated 0.022 vs 0.025
     // SDXL 1024x1024, batch 2 (CFG). Gated: the UNet's residual projections (gate = ones, batch folded into rows)
-    {8192, 5120, 640, 12, -1},    // 64x64 ff up: 0.092 vs 0.091
-    {2048, 10240, 1280, 13, -1},  // 32x32 ff up: 0.077 vs 0.076
-    {2048, 1280, 5120, 17, 17},   // 32x32 ff down: 0.041 vs 0.036; gated 0.041 vs 0.051 (64x160 wgmma, session 9)
-    {8192, 640, 640, 12, 12},     // 64x64 attention projections: 0.019 vs 0.017; gated 0.020 vs 0.036
-    {2048, 1280, 1280, 17, 17},   // 32x32 attention projections: 0.016 vs 0.012; gated 0.017 vs 0.024
-    {2048, 3840, 1280, 12, -1},   // 32x32 qkv: 0.033 vs 0.032
-    {8192, 1920, 640, 14, -1},    // 64x64 qkv: 0.040 vs 0.036
-    {8192, 640, 2560, 18, 18},    // 64x64 ff down: 0.043 vs 0.038; gated 0.045 vs 0.060
+    {8192, 5120, 640, 12, -1},     // 64x64 ff up: 0.092 vs 0.091
+    {2048, 10240, 1280, 13, -1},   // 32x32 ff up: 0.077 vs 0.076
+    {2048, 1280, 5120, 17, 17},    // 32x32 ff down: 0.041 vs 0.036; gated 0.041 vs 0.051 (64x160 wgmma, session 9)
+    {8192, 640, 640, 12, 12},      // 64x64 attention projections: 0.019 vs 0.017; gated 0.020 vs 0.036
+    {2048, 1280, 1280, 17, 17},    // 32x32 attention projections: 0.016 vs 0.012; gated 0.017 vs 0.024
+    {2048, 3840, 1280, 12, -1},    // 32x32 qkv: 0.033 vs 0.032
+    {8192, 1920, 640, 14, -1},     // 64x64 qkv: 0.040 vs 0.036
+    {8192, 640, 2560, 18, 18},     // 64x64 ff down: 0.043 vs 0.038; gated 0.045 vs 0.060
     // Wan2.2-TI2V-5B 704x1280x121
-    {27280, 14336, 3072, 14, -1}, // ff up: 3.689 vs 3.552
-    {27280, 3072, 14336, 16, -1}, // ff down: 3.531 vs 3.478
+    {27280, 14336, 3072, 14, -1},  // ff up: 3.689 vs 3.552
+    {27280, 3072, 14336, 16, -1},  // ff down: 3.531 vs 3.478
 };
 
 constexpr bool winners_valid() {

@@ -179,5 +179,4 @@ int gated_residual_inplace(void* out, const void* gate, const void* residual, in
 // The dispatching linear (gemm.cu); conv2d (im2col.cu) calls it too.
 int linear_dispatch(const LinearProblem& p, cudaStream_t stream);
 
-
 }  // namespace fdm

@@ -25,29 +25,24 @@ gemv_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restric
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    // acc[m] += W pack `pw` . x[m] pack `jp`, for every row m of x.
+    auto accumulate = [&](const Pack<T, V>& pw, int jp) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const Pack<T, V> px = load_pack<T, V>(x + int64_t(m) * K + jp * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[m] = fmaf(to_f32(pw.v[e]), to_f32(px.v[e]), acc[m]);
+      }
+    };
     int j = lane;
     for (; j + (kGemvUnroll - 1) * 32 < packs; j += kGemvUnroll * 32) {
       Pack<T, V> pw[kGemvUnroll];
 #pragma unroll
       for (int u = 0; u < kGemvUnroll; ++u) pw[u] = load_pack_cs<T, V>(wr + (j + u * 32) * V);
 #pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u)
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const Pack<T, V> px = load_pack<T, V>(x + int64_t(m) * K + (j + u * 32) * V);
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[m] = fmaf(to_f32(pw[u].v[e]), to_f32(px.v[e]), acc[m]);
-        }
+      for (int u = 0; u < kGemvUnroll; ++u) accumulate(pw[u], j + u * 32);
     }
-    for (; j < packs; j += 32) {
-      const Pack<T, V> pw = load_pack_cs<T, V>(wr + j * V);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const Pack<T, V> px = load_pack<T, V>(x + int64_t(m) * K + j * V);
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[m] = fmaf(to_f32(pw.v[e]), to_f32(px.v[e]), acc[m]);
-      }
-    }
+    for (; j < packs; j += 32) accumulate(load_pack_cs<T, V>(wr + j * V), j);
     const float b = bias ? to_f32(bias[n]) : 0.f;
 #pragma unroll
     for (int m = 0; m < M; ++m) {

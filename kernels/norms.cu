@@ -4,8 +4,8 @@
 // row r = o * inner + i (o < rows / inner, i < inner) starts at o * stride_o + i * stride_i; the last dim is
 // contiguous. A row is handled by a group of `width` threads: a power of two <= 32 (several rows per block) for
 // short rows, or the whole block for long ones. Statistics are float32 and never E[x^2] - E[x]^2 over a row: the
-// looped kernels take two passes; the register kernels take two-pass moments of each thread's values and merge
-// the threads' (count, mean, M2) exactly (row_moments).
+// looped kernels take two passes over memory, the register kernels two passes over registers (the mean, then the
+// squared deviations about it).
 //
 // Two kernels per op. The register kernels (16-byte vector path, rows up to 4096 packs = 32768 bf16) load the whole
 // row into registers with every load issued up front, so a row is read from DRAM exactly once and each thread has
@@ -69,7 +69,7 @@ __device__ __forceinline__ float row_accumulate(const T* xr, bool valid, int64_t
     for (int64_t j = lane; j < nvec; j += width) {
       const Pack<T, V> p = load_pack<T, V>(xr + j * V);
 #pragma unroll
-      for (int k = 0; k < V; ++k) acc += f(to_f32(p.v[k]));
+      for (int k = 0; k < V; ++k) acc += f(pack_f32(p, k));
     }
   return acc;
 }
@@ -107,22 +107,22 @@ layer_norm_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __r
         const Pack<T, V> p = load_pack<T, V>(xr + j * V);
         float v[V];
 #pragma unroll
-        for (int k = 0; k < V; ++k) v[k] = (to_f32(p.v[k]) - mean) * rstd;
+        for (int k = 0; k < V; ++k) v[k] = (pack_f32(p, k) - mean) * rstd;
         if (w) {
           const Pack<T, V> pw = load_pack<T, V>(w + j * V);
 #pragma unroll
-          for (int k = 0; k < V; ++k) v[k] *= to_f32(pw.v[k]);
+          for (int k = 0; k < V; ++k) v[k] *= pack_f32(pw, k);
         }
         if (b) {
           const Pack<T, V> pb = load_pack<T, V>(b + j * V);
 #pragma unroll
-          for (int k = 0; k < V; ++k) v[k] += to_f32(pb.v[k]);
+          for (int k = 0; k < V; ++k) v[k] += pack_f32(pb, k);
         }
         if (sc) {
           const Pack<T, V> ps = load_pack<T, V>(sc + j * V);
           const Pack<T, V> ph = load_pack<T, V>(sh + j * V);
 #pragma unroll
-          for (int k = 0; k < V; ++k) v[k] = v[k] * (1.f + to_f32(ps.v[k])) + to_f32(ph.v[k]);
+          for (int k = 0; k < V; ++k) v[k] = v[k] * (1.f + pack_f32(ps, k)) + pack_f32(ph, k);
         }
         Pack<T, V> out;
 #pragma unroll
@@ -159,10 +159,10 @@ rms_norm_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int64_t 
         if (w) {
           const Pack<T, V> pw = load_pack<T, V>(w + j * V);
 #pragma unroll
-          for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(to_f32(p.v[k]) * rstd * to_f32(pw.v[k]));
+          for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(pack_f32(p, k) * rstd * pack_f32(pw, k));
         } else {
 #pragma unroll
-          for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(to_f32(p.v[k]) * rstd);
+          for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(pack_f32(p, k) * rstd);
         }
         store_pack<T, V>(yr + j * V, out);
       }
@@ -188,7 +188,7 @@ softmax_kernel(const T* __restrict__ x, T* __restrict__ y, RowLayout L, int64_t 
       for (int64_t j = lane; j < nvec; j += width) {
         const Pack<T, V> p = load_pack<T, V>(xr + j * V);
 #pragma unroll
-        for (int k = 0; k < V; ++k) m = fmaxf(m, to_f32(p.v[k]));
+        for (int k = 0; k < V; ++k) m = fmaxf(m, pack_f32(p, k));
       }
     m = row_reduce<true>(m, width, smem);
     const float sum = row_reduce<false>(
@@ -200,7 +200,7 @@ softmax_kernel(const T* __restrict__ x, T* __restrict__ y, RowLayout L, int64_t 
         const Pack<T, V> p = load_pack<T, V>(xr + j * V);
         Pack<T, V> out;
 #pragma unroll
-        for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(expf(to_f32(p.v[k]) - m) * inv);
+        for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(expf(pack_f32(p, k) - m) * inv);
         store_pack<T, V>(yr + j * V, out);
       }
     }
@@ -229,122 +229,195 @@ __device__ __forceinline__ float regs_accumulate(const Pack<T, V> (&p)[K], bool 
   for (int k = 0; k < K; ++k)
     if (valid && lane + k * width < nvec) {
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc += f(to_f32(p[k].v[e]));
+      for (int e = 0; e < V; ++e) acc += f(pack_f32(p[k], e));
     }
   return acc;
 }
 
+// A thread's place in a register row kernel: its row group (`width` lanes, a power of two <= 32 with several rows a
+// block, or the whole block on one row when width > 32) by shifts, not divisions, and the offsets of row r. kFlat:
+// the rows are equally spaced (row r at r * xs_o in x, r * ys_o in y; flat_layout() checked and rewrote the strides
+// on the host), so no row pays a division by `inner`. The per-row overhead matters when a thread holds few
+// elements: at FLUX's head RMSNorm, 16 lanes of one pack took 21.5 us with the divisions, 18.2 without.
+template <bool kFlat>
+struct RowCursor {
+  int sub, lane, rpb;
+  __device__ __forceinline__ explicit RowCursor(int width) {
+    if (width > 32) {
+      sub = 0;
+      lane = threadIdx.x;
+      rpb = 1;
+    } else {
+      const int s = __ffs(width) - 1;
+      sub = threadIdx.x >> s;
+      lane = threadIdx.x & (width - 1);
+      rpb = blockDim.x >> s;
+    }
+  }
+  // Offsets of row r in x and y.
+  __device__ __forceinline__ void place(const RowLayout& L, int64_t r, int64_t& xo, int64_t& yo) const {
+    if constexpr (kFlat) {
+      xo = r * L.xs_o;
+      yo = r * L.ys_o;
+    } else {
+      const int64_t o = L.outer(r), i = r - o * L.inner;
+      xo = L.x_off(o, i);
+      yo = L.y_off(o, i);
+    }
+  }
+};
+
 // Block size cap of the register kernels: 512 threads leave up to 128 registers a thread (K = 8 with affine LN).
 constexpr int kRegMaxThreads = 512;
 
-// Count, mean and M2 of a row held in registers (load_row's layout), the same in every thread of the row: each
-// thread takes exact two-pass moments of its own K * V values, then the row's threads merge them (Chan et al.) in
-// one shuffle tree and, for a row spread over a block (width > 32), one exchange of per-warp moments through
-// `warp_moms` (a barrier; the caller alternates two buffers between rows). One reduction instead of two (the sum
-// for the mean, then the squared deviations): at [4608, 3072] LayerNorm+modulate went from 24 to 22 us (H200).
-template <typename T, int V, int K>
-__device__ __forceinline__ Moments row_moments(const Pack<T, V> (&p)[K], bool valid, int lane, int width, int nvec,
-                                               Moments* warp_moms) {
-  int mine = 0;  // this thread's packs of the row
-#pragma unroll
-  for (int k = 0; k < K; ++k) mine += (valid && lane + k * width < nvec) ? 1 : 0;
-  const float cnt = static_cast<float>(mine * V);
-  const float tmean = regs_accumulate<T, V, K>(p, valid, lane, width, nvec, [](float v) { return v; }) *
-                      (mine ? __fdividef(1.f, cnt) : 0.f);
-  Moments m{cnt, tmean,
-            regs_accumulate<T, V, K>(p, valid, lane, width, nvec,
-                                     [tmean](float v) { return (v - tmean) * (v - tmean); })};
-  m = group_merge(m, width < 32 ? width : 32);  // the row's lanes in one warp
-  if (width <= 32) return m;
-  const int nwarps = blockDim.x >> 5;  // the block is one row: every thread merges the warps in the same order
-  if ((threadIdx.x & 31) == 0) warp_moms[threadIdx.x >> 5] = m;
+// Sum over the threads of a row held in registers: a group of width <= 32 lanes (shuffles only), or the whole
+// block (width == blockDim.x > 32): shuffles, then one barrier, and each warp sums the per-warp partials from
+// `slots` by shuffles (every thread gets the same bits). No barrier guards the slots' reuse: a kernel
+// gives each reduction of a row its own slots and reduces twice a row (sum, then squared deviations), so a
+// thread can only overwrite slots[0] for the next row after every thread passed the barrier of slots[1], which
+// they reach only after reading slots[0].
+__device__ __forceinline__ float row_sum(float v, int width, float* slots) {
+  v = group_sum(v, width < 32 ? width : 32);
+  if (width <= 32) return v;
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) slots[threadIdx.x >> 5] = v;
   __syncthreads();
-  m = warp_moms[0];
-  for (int w = 1; w < nwarps; ++w) m = merge(m, warp_moms[w]);
-  return m;
+  return group_sum(lane < static_cast<int>(blockDim.x >> 5) ? slots[lane] : 0.f, 32);
 }
 
-// K <= 4: at most 64 registers (two 512-thread blocks' worth), so a row-per-block launch of ~100 threads keeps ~10
-// blocks on an SM instead of 6 (ncu: 88 registers held LayerNorm+modulate at 28% occupancy, 49% of copy bandwidth).
+// LayerNorm's two row statistics over registers, exact two-pass: the mean, then the squared deviations about it
+// (row_sum twice). Session 8's single reduction merging per-thread (count, mean, M2) triples saved a barrier but
+// paid divisions and a serial per-warp merge loop; with this form, the block-per-row kernel and the leaner row code
+// LayerNorm+modulate at [4608, 3072] bf16 went 21.0 -> 18.0 us (H200).
+template <typename T, int V, int K>
+__device__ __forceinline__ void layer_norm_stats(const Pack<T, V> (&p)[K], bool valid, int lane, int width, int nvec,
+                                                 float inv_d, float eps, float (&slots)[2][kRegMaxThreads / 32],
+                                                 float& mean, float& rstd) {
+  mean = row_sum(regs_accumulate<T, V, K>(p, valid, lane, width, nvec, [](float v) { return v; }), width,
+                 slots[0]) * inv_d;
+  const float mu = mean;
+  const float m2 = row_sum(
+      regs_accumulate<T, V, K>(p, valid, lane, width, nvec, [mu](float v) { return (v - mu) * (v - mu); }), width,
+      slots[1]);
+  rstd = rsqrtf(m2 * inv_d + eps);
+}
+
+// Writes a normalized row held in registers. kMod: (x - mean) * rstd * (1 + scale) + shift (sh, sc: the row's
+// modulation vectors), with rstd * (1 + scale) as one FMA; else (x - mean) * rstd, then * w and + b where given.
+template <typename T, int V, int K, bool kMod>
+__device__ __forceinline__ void layer_norm_store_row(const Pack<T, V> (&p)[K], int lane, int width, int nvec,
+                                                     float mean, float rstd, T* yr, const T* w, const T* b,
+                                                     const T* sh, const T* sc) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int j = lane + k * width;
+    if (j >= nvec) continue;
+    Pack<T, V> out;
+    if constexpr (kMod) {
+      const Pack<T, V> ps = load_pack<T, V>(sc + j * V);
+      const Pack<T, V> ph = load_pack<T, V>(sh + j * V);
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        out.v[e] = from_f32<T>(fmaf(pack_f32(p[k], e) - mean, fmaf(pack_f32(ps, e), rstd, rstd), pack_f32(ph, e)));
+    } else {
+      float v[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = (pack_f32(p[k], e) - mean) * rstd;
+      if (w) {
+        const Pack<T, V> pw = load_pack<T, V>(w + j * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] *= pack_f32(pw, e);
+      }
+      if (b) {
+        const Pack<T, V> pb = load_pack<T, V>(b + j * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] += pack_f32(pb, e);
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(v[e]);
+    }
+    store_pack_cs<T, V>(yr + j * V, out);
+  }
+}
+
+// Modulation row of row r: (o, i) -> o * mod_sb + i * mod_ss, 0 for one vector pair (B == 1) without a division.
+__device__ __forceinline__ int64_t modulation_offset(const RowLayout& L, int64_t r, int64_t mod_sb, int64_t mod_ss) {
+  if (mod_sb == 0 && mod_ss == 0) return 0;
+  const int64_t o = L.outer(r);
+  return o * mod_sb + (r - o * L.inner) * mod_ss;
+}
+
+// Rows of width <= 32 lanes, several a block (grid-stride over rows).
+// K <= 4: at most 64 registers (two 512-thread blocks' worth).
 // kMod: LayerNorm without affine, then the modulation (shift and scale set, w and b unused); else the optional
 // affine (w, b may be null) and no modulation. Compiled apart, each form holds only its own operands' registers.
-template <typename T, int V, int K, bool kMod>
+template <typename T, int V, int K, bool kMod, bool kFlat>
 __global__ void __launch_bounds__(kRegMaxThreads, K <= 4 ? 2 : 1)
 layer_norm_regs_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                        const T* __restrict__ shift, const T* __restrict__ scale, int64_t mod_sb, int64_t mod_ss,
-                       T* __restrict__ y, RowLayout L, int nvec, float eps, int width) {
-  __shared__ Moments smem[2][kRegMaxThreads / 32];  // per-warp moments, double-buffered across rows
-  const float inv_d = 1.f / static_cast<float>(nvec * V);
-  const int sub = threadIdx.x / width, lane = threadIdx.x - sub * width;
-  const int64_t rpb = blockDim.x / width;
-  int parity = 0;
+                       T* __restrict__ y, RowLayout L, int nvec, float inv_d, float eps, int width) {
+  __shared__ float slots[2][kRegMaxThreads / 32];  // unused at width <= 32; row_sum's signature
+  const RowCursor<kFlat> rc(width);
   // Every thread runs the same trip count (rows past the end compute nothing) so the reductions stay convergent.
-  for (int64_t base = int64_t(blockIdx.x) * rpb; base < L.rows; base += int64_t(gridDim.x) * rpb) {
-    const int64_t r = base + sub;
+  for (int64_t base = int64_t(blockIdx.x) * rc.rpb; base < L.rows; base += int64_t(gridDim.x) * rc.rpb) {
+    const int64_t r = base + rc.sub;
     const bool valid = r < L.rows;
-    const int64_t o = valid ? L.outer(r) : 0, i = valid ? r - o * L.inner : 0;
+    int64_t xo = 0, yo = 0;
+    if (valid) rc.place(L, r, xo, yo);
     Pack<T, V> p[K];
-    load_row<T, V, K>(p, x + L.x_off(o, i), valid, lane, width, nvec);
-    const Moments m = row_moments<T, V, K>(p, valid, lane, width, nvec, smem[parity]);
-    parity ^= 1;  // the next row writes the other buffer, so no barrier guards this one's reads
-    const float mean = m.mean, rstd = rsqrtf(m.m2 * inv_d + eps);
+    load_row<T, V, K>(p, x + xo, valid, rc.lane, width, nvec);
+    float mean, rstd;
+    layer_norm_stats<T, V, K>(p, valid, rc.lane, width, nvec, inv_d, eps, slots, mean, rstd);
     if (!valid) continue;
-    T* yr = y + L.y_off(o, i);
-    const T* sh = kMod ? shift + o * mod_sb + i * mod_ss : nullptr;
-    const T* sc = kMod ? scale + o * mod_sb + i * mod_ss : nullptr;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int j = lane + k * width;
-      if (j >= nvec) continue;
-      float v[V];
-#pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = (to_f32(p[k].v[e]) - mean) * rstd;
-      if constexpr (kMod) {
-        const Pack<T, V> ps = load_pack<T, V>(sc + j * V);
-        const Pack<T, V> ph = load_pack<T, V>(sh + j * V);
-#pragma unroll
-        for (int e = 0; e < V; ++e) v[e] = fmaf(v[e], 1.f + to_f32(ps.v[e]), to_f32(ph.v[e]));
-      } else {
-        if (w) {
-          const Pack<T, V> pw = load_pack<T, V>(w + j * V);
-#pragma unroll
-          for (int e = 0; e < V; ++e) v[e] *= to_f32(pw.v[e]);
-        }
-        if (b) {
-          const Pack<T, V> pb = load_pack<T, V>(b + j * V);
-#pragma unroll
-          for (int e = 0; e < V; ++e) v[e] += to_f32(pb.v[e]);
-        }
-      }
-      Pack<T, V> out;
-#pragma unroll
-      for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(v[e]);
-      store_pack_cs<T, V>(yr + j * V, out);
-    }
+    const int64_t mo = kMod ? modulation_offset(L, r, mod_sb, mod_ss) : 0;
+    layer_norm_store_row<T, V, K, kMod>(p, rc.lane, width, nvec, mean, rstd, y + yo, w, b, shift + mo, scale + mo);
   }
+}
+
+// A row over the whole block (blockDim.x > 32 threads), one row a block (grid = rows): no row loop, no rows past
+// the end, offsets computed once. 52 registers at K = 4 (bf16, modulated), so ~100-thread row blocks fill an SM
+// 12 deep (ncu, session 7: 88 registers held LayerNorm+modulate at 28% occupancy, 49% of copy bandwidth).
+template <typename T, int V, int K, bool kMod>
+__global__ void __launch_bounds__(kRegMaxThreads, K <= 4 ? 2 : 1)
+layer_norm_block_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                        const T* __restrict__ shift, const T* __restrict__ scale, int64_t mod_sb, int64_t mod_ss,
+                        T* __restrict__ y, RowLayout L, int nvec, float inv_d, float eps) {
+  __shared__ float slots[2][kRegMaxThreads / 32];
+  const int64_t r = blockIdx.x;
+  const int64_t o = L.outer(r), i = r - o * L.inner;
+  Pack<T, V> p[K];
+  load_row<T, V, K>(p, x + L.x_off(o, i), true, threadIdx.x, blockDim.x, nvec);
+  float mean, rstd;
+  layer_norm_stats<T, V, K>(p, true, threadIdx.x, blockDim.x, nvec, inv_d, eps, slots, mean, rstd);
+  const int64_t mo = kMod ? o * mod_sb + i * mod_ss : 0;
+  layer_norm_store_row<T, V, K, kMod>(p, threadIdx.x, blockDim.x, nvec, mean, rstd, y + L.y_off(o, i), w, b,
+                                      shift + mo, scale + mo);
 }
 
 // Safe in place (y == x with the same layout): a row is fully in registers before any of it is written.
 // K <= 4 bounded to 64 registers as for LayerNorm: at 69 registers the [4608 x 24, 128] head norm of FLUX held 3
 // blocks of 256 per SM (37.5% occupancy, 38% of DRAM bandwidth under ncu); 18 -> 17 us.
-template <typename T, int V, int K>
+template <typename T, int V, int K, bool kFlat>
 __global__ void __launch_bounds__(kRegMaxThreads, K <= 4 ? 2 : 1)
-rms_norm_regs_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int nvec, float eps, int width) {
-  __shared__ float smem[32];
-  const float inv_d = 1.f / static_cast<float>(nvec * V);
-  const int sub = threadIdx.x / width, lane = threadIdx.x - sub * width;
-  const int64_t rpb = blockDim.x / width;
-  for (int64_t base = int64_t(blockIdx.x) * rpb; base < L.rows; base += int64_t(gridDim.x) * rpb) {
-    const int64_t r = base + sub;
+rms_norm_regs_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int nvec, float inv_d, float eps,
+                     int width) {
+  __shared__ float slots[2][kRegMaxThreads / 32];  // row_sum's, alternating between rows
+  const RowCursor<kFlat> rc(width);
+  const int lane = rc.lane;
+  int parity = 0;
+  for (int64_t base = int64_t(blockIdx.x) * rc.rpb; base < L.rows; base += int64_t(gridDim.x) * rc.rpb) {
+    const int64_t r = base + rc.sub;
     const bool valid = r < L.rows;
-    const int64_t o = valid ? L.outer(r) : 0, i = valid ? r - o * L.inner : 0;
+    int64_t xo = 0, yo = 0;
+    if (valid) rc.place(L, r, xo, yo);
     Pack<T, V> p[K];
-    load_row<T, V, K>(p, x + L.x_off(o, i), valid, lane, width, nvec);
-    const float ms = row_reduce<false>(
-        regs_accumulate<T, V, K>(p, valid, lane, width, nvec, [](float v) { return v * v; }), width, smem) * inv_d;
+    load_row<T, V, K>(p, x + xo, valid, lane, width, nvec);
+    const float ms = row_sum(regs_accumulate<T, V, K>(p, valid, lane, width, nvec, [](float v) { return v * v; }),
+                             width, slots[parity]) * inv_d;
+    parity ^= 1;
     const float rstd = rsqrtf(ms + eps);
     if (!valid) continue;
-    T* yr = y + L.y_off(o, i);
+    T* yr = y + yo;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int j = lane + k * width;
@@ -353,10 +426,10 @@ rms_norm_regs_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int
       if (w) {
         const Pack<T, V> pw = load_pack<T, V>(w + j * V);
 #pragma unroll
-        for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(to_f32(p[k].v[e]) * rstd * to_f32(pw.v[e]));
+        for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(pack_f32(p[k], e) * rstd * pack_f32(pw, e));
       } else {
 #pragma unroll
-        for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(to_f32(p[k].v[e]) * rstd);
+        for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(pack_f32(p[k], e) * rstd);
       }
       store_pack_cs<T, V>(yr + j * V, out);
     }
@@ -380,7 +453,7 @@ softmax_regs_kernel(const T* __restrict__ x, T* __restrict__ y, RowLayout L, int
     for (int k = 0; k < K; ++k)
       if (valid && lane + k * width < nvec) {
 #pragma unroll
-        for (int e = 0; e < V; ++e) m = fmaxf(m, to_f32(p[k].v[e]));
+        for (int e = 0; e < V; ++e) m = fmaxf(m, pack_f32(p[k], e));
       }
     m = row_reduce<true>(m, width, smem);
     const float sum = row_reduce<false>(
@@ -394,7 +467,7 @@ softmax_regs_kernel(const T* __restrict__ x, T* __restrict__ y, RowLayout L, int
       if (j >= nvec) continue;
       Pack<T, V> out;
 #pragma unroll
-      for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(expf(to_f32(p[k].v[e]) - m) * inv);
+      for (int e = 0; e < V; ++e) out.v[e] = from_f32<T>(expf(pack_f32(p[k], e) - m) * inv);
       store_pack_cs<T, V>(yr + j * V, out);
     }
   }
@@ -412,8 +485,11 @@ constexpr int64_t kFillBlocks = 264;
 RegPlan reg_plan(int64_t rows, int64_t nvec) {
   RegPlan p;
   if (nvec <= 256) {  // a group of <= 32 lanes per row, several rows per block
+    // The narrowest group with at most 2 packs per lane (up to 8 at width 32): at FLUX's [4608 x 24, 128] head
+    // RMSNorm (16 packs) 8 lanes of 2 packs ran 16.9 us, 4 lanes of 4 17.5 and 16 lanes of 1 18.6 (H200): more
+    // threads with fewer registers each, until the per-row overhead of a one-pack thread dominates.
     int w = 1;
-    while (w < 32 && w * 4 < nvec) w <<= 1;  // the narrowest group with at most 4 packs per lane (8 at width 32)
+    while (w < 32 && w * 2 < nvec) w <<= 1;
     const int64_t per = ceil_div(nvec, w);
     p.k = per <= 1 ? 1 : per <= 2 ? 2 : per <= 4 ? 4 : 8;
     p.width = w;
@@ -440,6 +516,57 @@ void with_k(int k, F&& f) {
   }
 }
 
+// Calls f(std::bool_constant<b>) so a branch launches the compile-time form.
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+// The register kernels' flat form (RowCursor<true>): when the rows are equally spaced in x and in y, returns true
+// and rewrites F's xs_o / ys_o to those spacings (row r at r * xs_o, r * ys_o).
+bool flat_layout(const RowLayout& L, RowLayout& F) {
+  F = L;
+  if (L.inner == 1) return true;
+  if (L.rows == L.inner) {  // one outer index: row i at i * xs_i
+    F.xs_o = L.xs_i;
+    F.ys_o = L.ys_i;
+    return true;
+  }
+  if (L.xs_o == L.inner * L.xs_i && L.ys_o == L.inner * L.ys_i) {
+    F.xs_o = L.xs_i;
+    F.ys_o = L.ys_i;
+    return true;
+  }
+  return false;
+}
+
+// LayerNorm through the register kernels for a plan with rp.k != 0: a block per row when the row spans the block,
+// else groups of rp.width lanes (flat form when the layout allows).
+template <typename T, int V, bool kMod>
+void launch_layer_norm_regs(const RegPlan& rp, const T* x, const T* w, const T* b, const T* sh, const T* sc,
+                            int64_t mod_sb, int64_t mod_ss, T* y, const RowLayout& L, int64_t d, float eps,
+                            cudaStream_t stream) {
+  const int nvec = static_cast<int>(d / V);
+  const float inv_d = 1.f / static_cast<float>(d);
+  with_k(rp.k, [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    if (rp.width > 32 && L.rows <= INT32_MAX) {
+      layer_norm_block_kernel<T, V, K, kMod><<<static_cast<unsigned>(L.rows), rp.threads, 0, stream>>>(
+          x, w, b, sh, sc, mod_sb, mod_ss, y, L, nvec, inv_d, eps);
+      return;
+    }
+    RowLayout F;
+    const bool flat = flat_layout(L, F);
+    with_bool(flat, [&](auto fc) {
+      layer_norm_regs_kernel<T, V, K, kMod, decltype(fc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
+          x, w, b, sh, sc, mod_sb, mod_ss, y, F, nvec, inv_d, eps, rp.width);
+    });
+  });
+}
+
 int check_layout(const char* fn, const RowLayout& L, int64_t d) {
   if (L.rows < 0 || d < 0) return arg_error("%s: negative size (rows=%lld, d=%lld)", fn, (long long)L.rows,
                                             (long long)d);
@@ -456,8 +583,13 @@ int check_layout(const char* fn, const RowLayout& L, int64_t d) {
 // each. Pass 1 writes the (mean, M2) of each piece to ws [N*G, chunks, 2]; pass 2 merges a group's pieces (Chan et
 // al.) and normalizes (+ SiLU) its own piece. x is read twice (once per pass) and y written once; pass 2 walks the
 // pieces in reverse launch order, so it starts on the ones pass 1 read last, which are the likeliest still in L2.
-// A block moves a piece as tiles of 256 threads x 8 packs, every load of a tile issued before its math.
-constexpr int kGnThreads = 256, kGnPacks = 8;
+// A block walks its piece as tiles of 512 threads x 4 packs with the next tile's loads issued before the current
+// tile's math, on a grid of at most one wave of resident blocks (launch_group_norm picks the piece count), so
+// every SM streams without gaps between blocks. The older form (a block per 32 KB tile, loads then math, 256 x 8
+// packs at 89-117 registers, two blocks an SM) ran [2, 512, 128, 128] at 41 us; ncu had the statistics read at 2.5
+// TB/s and the apply pass at 1.1 TB/s with 25% occupancy (H200).
+constexpr int kGnThreads = 512, kGnPacks = 4;
+constexpr int64_t kGnTile = int64_t{kGnThreads} * kGnPacks;  // packs per tile
 
 // Elements in piece k of a group: `chunk`, less for the last piece, 0 past the end.
 __device__ __forceinline__ int64_t piece_len(int64_t L, int64_t chunk, int64_t k) {
@@ -465,22 +597,30 @@ __device__ __forceinline__ int64_t piece_len(int64_t L, int64_t chunk, int64_t k
   return c0 >= L ? 0 : (L - c0 < chunk ? L - c0 : chunk);
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(kGnThreads, 1)
+// Loads this thread's packs of the tile starting at pack t0 (of nvec). I: index type (32-bit when the group fits).
+template <typename T, int V, typename I>
+__device__ __forceinline__ void gn_load_tile(Pack<T, V> (&p)[kGnPacks], const T* xc, I t0, I nvec, bool stream) {
+#pragma unroll
+  for (int k = 0; k < kGnPacks; ++k) {
+    const I j = t0 + threadIdx.x + k * kGnThreads;
+    if (j < nvec) p[k] = stream ? load_pack_cs<T, V>(xc + static_cast<int64_t>(j) * V)
+                                : load_pack<T, V>(xc + static_cast<int64_t>(j) * V);
+  }
+}
+
+template <typename T, int V, typename I>
+__global__ void __launch_bounds__(kGnThreads, 2)
 group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ ws, int64_t L, int64_t chunk, int chunks) {
   __shared__ Moments part[kGnThreads / 32];
   const int64_t ng = blockIdx.y;
-  const int64_t n = piece_len(L, chunk, blockIdx.x);
   const T* xc = x + ng * L + int64_t(blockIdx.x) * chunk;
-  const int64_t nvec = n / V;  // V divides L and chunk on the vector path
+  const I nvec = static_cast<I>(piece_len(L, chunk, blockIdx.x) / V);  // V divides L and chunk on the vector path
   Moments acc{0.f, 0.f, 0.f};
-  for (int64_t t0 = 0; t0 < nvec; t0 += kGnThreads * kGnPacks) {
-    Pack<T, V> p[kGnPacks];
-#pragma unroll
-    for (int k = 0; k < kGnPacks; ++k) {
-      const int64_t j = t0 + threadIdx.x + k * kGnThreads;
-      if (j < nvec) p[k] = load_pack<T, V>(xc + j * V);  // pass 2 reads x again: keep it in L2
-    }
+  Pack<T, V> p[kGnPacks];
+  gn_load_tile<T, V, I>(p, xc, 0, nvec, false);  // pass 2 reads x again: keep it in L2
+  for (I t0 = 0; t0 < nvec; t0 += kGnTile) {
+    Pack<T, V> next[kGnPacks];
+    if (t0 + kGnTile < nvec) gn_load_tile<T, V, I>(next, xc, t0 + kGnTile, nvec, false);
     // Exact two-pass moments of this thread's values of the tile (they are in registers), merged into acc.
     float s = 0.f, cnt = 0.f;
 #pragma unroll
@@ -488,22 +628,24 @@ group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ ws, int64_t
       if (t0 + threadIdx.x + k * kGnThreads < nvec) {
         cnt += V;
 #pragma unroll
-        for (int e = 0; e < V; ++e) s += to_f32(p[k].v[e]);
+        for (int e = 0; e < V; ++e) s += pack_f32(p[k], e);
       }
     if (cnt > 0.f) {
-      const float mean = s / cnt;
+      const float mean = __fdividef(s, cnt);
       float m2 = 0.f;
 #pragma unroll
       for (int k = 0; k < kGnPacks; ++k)
         if (t0 + threadIdx.x + k * kGnThreads < nvec) {
 #pragma unroll
           for (int e = 0; e < V; ++e) {
-            const float c = to_f32(p[k].v[e]) - mean;
+            const float c = pack_f32(p[k], e) - mean;
             m2 = fmaf(c, c, m2);
           }
         }
       acc = merge(acc, Moments{cnt, mean, m2});
     }
+#pragma unroll
+    for (int k = 0; k < kGnPacks; ++k) p[k] = next[k];
   }
   acc = group_merge(acc, 32);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -521,24 +663,21 @@ group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ ws, int64_t
 
 // I: the type of the in-group position math (uint32_t when the group fits, int64_t otherwise).
 template <typename T, int V, bool kSilu, typename I>
-__global__ void __launch_bounds__(kGnThreads, 1)
+__global__ void __launch_bounds__(kGnThreads, 2)
 group_norm_apply_kernel(const T* __restrict__ x, const float* __restrict__ ws, const T* __restrict__ w,
                         const T* __restrict__ b, T* __restrict__ y, int64_t L, int64_t HW, int64_t Cg, int G,
                         int64_t chunk, int chunks, float eps) {
   const int64_t ng = gridDim.y - 1 - blockIdx.y, piece = gridDim.x - 1 - blockIdx.x;
   const int64_t n = piece_len(L, chunk, piece);
   if (n == 0) return;  // uniform over the block
-  const int64_t c0 = piece * chunk, nvec = n / V;
+  const int64_t c0 = piece * chunk;
   const T* xc = x + ng * L + c0;
   T* yc = y + ng * L + c0;
+  const I nvec = static_cast<I>(n / V);
 
   // The first tile's loads go out before the statistics are merged, so their latencies overlap.
   Pack<T, V> p[kGnPacks];
-#pragma unroll
-  for (int k = 0; k < kGnPacks; ++k) {
-    const int64_t j = threadIdx.x + k * kGnThreads;
-    if (j < nvec) p[k] = load_pack_cs<T, V>(xc + j * V);
-  }
+  gn_load_tile<T, V, I>(p, xc, 0, nvec, true);  // last use of x
 
   // Every warp merges the group's pieces itself (a few dozen float pairs from L2): no shared memory, no barrier.
   const float* st = ws + ng * chunks * 2;
@@ -551,59 +690,71 @@ group_norm_apply_kernel(const T* __restrict__ x, const float* __restrict__ ws, c
   const float mean = m.mean, rstd = rsqrtf(m.m2 / static_cast<float>(L) + eps);
 
   const int64_t ch0 = (ng % G) * Cg;  // first channel of the group
-  const I hw = static_cast<I>(HW);
-  for (int64_t t0 = 0;;) {
+  const I hw = static_cast<I>(HW), pos0 = static_cast<I>(c0);
+  for (I t0 = 0; t0 < nvec; t0 += kGnTile) {
+    Pack<T, V> next[kGnPacks];
+    if (t0 + kGnTile < nvec) gn_load_tile<T, V, I>(next, xc, t0 + kGnTile, nvec, true);
 #pragma unroll
     for (int k = 0; k < kGnPacks; ++k) {
-      const int64_t j = t0 + threadIdx.x + k * kGnThreads;
+      const I j = t0 + threadIdx.x + k * kGnThreads;
       if (j >= nvec) continue;
-      const int64_t ch = ch0 + static_cast<int64_t>(static_cast<I>(c0 + j * V) / hw);
       // V divides HW on the vector path, so a pack never straddles two channels.
+      const int64_t ch = ch0 + static_cast<int64_t>((pos0 + j * V) / hw);
       const float a = rstd * (w ? to_f32(w[ch]) : 1.f);
       const float c = (b ? to_f32(b[ch]) : 0.f) - mean * a;
       Pack<T, V> out;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        float v = fmaf(to_f32(p[k].v[e]), a, c);
+        float v = fmaf(pack_f32(p[k], e), a, c);
         if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
         out.v[e] = from_f32<T>(v);
       }
-      store_pack_cs<T, V>(yc + j * V, out);
+      store_pack_cs<T, V>(yc + static_cast<int64_t>(j) * V, out);
     }
-    t0 += kGnThreads * kGnPacks;
-    if (t0 >= nvec) break;
 #pragma unroll
-    for (int k = 0; k < kGnPacks; ++k) {
-      const int64_t j = t0 + threadIdx.x + k * kGnThreads;
-      if (j < nvec) p[k] = load_pack_cs<T, V>(xc + j * V);
-    }
+    for (int k = 0; k < kGnPacks; ++k) p[k] = next[k];
   }
 }
 
+// `chunks` pieces a group at most (the workspace is sized for them); the launch uses fewer, longer pieces when
+// that keeps the grid within one wave of resident blocks.
 template <typename T, int V>
 int launch_group_norm(const void* x, const void* w, const void* b, void* y, float* ws, int64_t N, int64_t C,
                       int64_t HW, int G, int chunks, float eps, bool silu_act, cudaStream_t s) {
   const int64_t Cg = C / G, L = Cg * HW;
-  const int64_t chunk = ceil_div(ceil_div(L, chunks), 8) * 8;
-  const dim3 grid(chunks, static_cast<unsigned>(N * G));
+  const bool small = L <= INT32_MAX;
+  int dev = 0, sms = 0, occ = 0;
+  if (cudaError_t e = cudaGetDevice(&dev)) return static_cast<int>(e);
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) return static_cast<int>(e);
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &occ, small ? group_norm_stats_kernel<T, V, uint32_t> : group_norm_stats_kernel<T, V, int64_t>,
+          kGnThreads, 0))
+    return static_cast<int>(e);
+  const int64_t per_group = int64_t{occ > 1 ? occ : 1} * sms / (N * G);
+  const int64_t want = per_group < 1 ? 1 : (per_group < chunks ? per_group : chunks);
+  const int64_t chunk = ceil_div(ceil_div(L, want), 8) * 8;
+  const int eff = static_cast<int>(ceil_div(L, chunk));  // pieces launched, none empty, <= want <= chunks
+  const dim3 grid(eff, static_cast<unsigned>(N * G));
   const T* xt = static_cast<const T*>(x);
-  group_norm_stats_kernel<T, V><<<grid, kGnThreads, 0, s>>>(xt, ws, L, chunk, chunks);
   const T* wt = static_cast<const T*>(w);
   const T* bt = static_cast<const T*>(b);
   T* yt = static_cast<T*>(y);
-  const bool small = L <= INT32_MAX;
+  if (small)
+    group_norm_stats_kernel<T, V, uint32_t><<<grid, kGnThreads, 0, s>>>(xt, ws, L, chunk, eff);
+  else
+    group_norm_stats_kernel<T, V, int64_t><<<grid, kGnThreads, 0, s>>>(xt, ws, L, chunk, eff);
   if (silu_act && small)
     group_norm_apply_kernel<T, V, true, uint32_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G, chunk,
-                                                                               chunks, eps);
+                                                                               eff, eps);
   else if (silu_act)
     group_norm_apply_kernel<T, V, true, int64_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G, chunk,
-                                                                              chunks, eps);
+                                                                              eff, eps);
   else if (small)
     group_norm_apply_kernel<T, V, false, uint32_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G,
-                                                                                chunk, chunks, eps);
+                                                                                chunk, eff, eps);
   else
     group_norm_apply_kernel<T, V, false, int64_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G,
-                                                                               chunk, chunks, eps);
+                                                                               chunk, eff, eps);
   return launch_status();
 }
 
@@ -633,10 +784,8 @@ FDM_API int fdm_layer_norm(const void* x, const void* w, const void* b, void* y,
     auto bt = static_cast<const T*>(b);
     const RegPlan rp = vec ? reg_plan(rows, d / V) : RegPlan{};
     if (rp.k) {
-      with_k(rp.k, [&](auto kc) {
-        layer_norm_regs_kernel<T, V, decltype(kc)::value, false><<<rp.blocks, rp.threads, 0, stream>>>(
-            xt, wt, bt, nullptr, nullptr, 0, 0, static_cast<T*>(y), L, static_cast<int>(d / V), eps, rp.width);
-      });
+      launch_layer_norm_regs<T, V, false>(rp, xt, wt, bt, nullptr, nullptr, 0, 0, static_cast<T*>(y), L, d, eps,
+                                          stream);
     } else if (vec)
       layer_norm_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(xt, wt, bt, nullptr, nullptr, 0, 0,
                                                                   static_cast<T*>(y), L, d, eps, l.width);
@@ -669,11 +818,8 @@ FDM_API int fdm_layer_norm_modulate(const void* x, const void* shift, const void
     auto sc = static_cast<const T*>(scale);
     const RegPlan rp = vec ? reg_plan(rows, d / V) : RegPlan{};
     if (rp.k) {
-      with_k(rp.k, [&](auto kc) {
-        layer_norm_regs_kernel<T, V, decltype(kc)::value, true><<<rp.blocks, rp.threads, 0, stream>>>(
-            xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss, static_cast<T*>(y), L, static_cast<int>(d / V), eps,
-            rp.width);
-      });
+      launch_layer_norm_regs<T, V, true>(rp, xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss, static_cast<T*>(y), L, d,
+                                         eps, stream);
     } else if (vec)
       layer_norm_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss,
                                                                   static_cast<T*>(y), L, d, eps, l.width);
@@ -701,9 +847,13 @@ FDM_API int fdm_rms_norm(const void* x, const void* w, void* y, int64_t rows, in
     auto wt = static_cast<const T*>(w);
     const RegPlan rp = vec ? reg_plan(rows, d / V) : RegPlan{};
     if (rp.k) {
+      RowLayout F;
+      const bool flat = flat_layout(L, F);
       with_k(rp.k, [&](auto kc) {
-        rms_norm_regs_kernel<T, V, decltype(kc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
-            xt, wt, static_cast<T*>(y), L, static_cast<int>(d / V), eps, rp.width);
+        with_bool(flat, [&](auto fc) {
+          rms_norm_regs_kernel<T, V, decltype(kc)::value, decltype(fc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
+              xt, wt, static_cast<T*>(y), F, static_cast<int>(d / V), 1.f / static_cast<float>(d), eps, rp.width);
+        });
       });
     } else if (vec)
       rms_norm_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(xt, wt, static_cast<T*>(y), L, d, eps, l.width);

@@ -2,6 +2,7 @@
 // loads/stores, warp and block reductions, activation functions, grid sizing.
 #pragma once
 #include <cstring>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -49,17 +50,37 @@ __device__ __forceinline__ void store_pack_cs(T* p, const Pack<T, N>& v) {
   }
 }
 
+// Element e of a pack as float32. bf16 is taken from the pack's 32-bit words, one shift or mask an element;
+// converting the 16-bit halves one by one costs an extra PRMT for every odd element (and holds the extracted halves
+// in registers across passes).
+template <typename T, int N>
+__device__ __forceinline__ float pack_f32(const Pack<T, N>& p, int e) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && N % 2 == 0) {
+    uint32_t w;
+    memcpy(&w, &p.v[e & ~1], 4);
+    return __uint_as_float((e & 1) ? (w & 0xffff0000u) : (w << 16));
+  } else {
+    return to_f32(p.v[e]);
+  }
+}
+
 // Elements per 16-byte vector.
 template <typename T>
 constexpr int vec16() { return 16 / static_cast<int>(sizeof(T)); }
 
-// Sum / max over aligned groups of `width` lanes (a power of two <= 32); every lane of the warp must call.
+// Sum / max over aligned groups of `width` lanes (a power of two <= 32); every lane of the warp must call. Unrolled
+// over the five possible levels (the ones at or above `width` skipped by a uniform test) rather than a loop on the
+// runtime width. Every lane ends with the same bits: each level adds the same two values in either order.
 __device__ __forceinline__ float group_sum(float v, int width) {
-  for (int o = width >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    if (o < width) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 __device__ __forceinline__ float group_max(float v, int width) {
-  for (int o = width >> 1; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    if (o < width) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 

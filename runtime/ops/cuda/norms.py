@@ -19,8 +19,9 @@ from ._common import (
     stream,
 )
 
-# Bytes of x per GroupNorm piece (one block of each GroupNorm kernel): 32 KiB is one tile of 256 threads x 8 packs
-# of 16 bytes, and pieces this small keep every SM busy on big images.
+# Bytes of x in the smallest GroupNorm piece (32 KiB: one tile of 512 threads x 4 packs of 16 bytes). This sizes the
+# workspace (statistics of every piece); the kernels run fewer, longer pieces when that keeps their grid to one
+# wave of resident blocks.
 _GROUP_CHUNK_BYTES = 32768
 _MAX_GRID_Y = 65535
 # Channels-last GroupNorm (nhwc_chunks): the most statistics blocks per SM over the whole launch (the kernel runs

@@ -600,12 +600,60 @@ __device__ __forceinline__ int64_t piece_len(int64_t L, int64_t chunk, int64_t k
 // Loads this thread's packs of the tile starting at pack t0 (of nvec). I: index type (32-bit when the group fits).
 template <typename T, int V, typename I>
 __device__ __forceinline__ void gn_load_tile(Pack<T, V> (&p)[kGnPacks], const T* xc, I t0, I nvec, bool stream) {
+  const bool full = t0 + static_cast<I>(kGnTile) <= nvec;  // the usual case: no per-pack bounds tests
 #pragma unroll
   for (int k = 0; k < kGnPacks; ++k) {
     const I j = t0 + threadIdx.x + k * kGnThreads;
-    if (j < nvec) p[k] = stream ? load_pack_cs<T, V>(xc + static_cast<int64_t>(j) * V)
-                                : load_pack<T, V>(xc + static_cast<int64_t>(j) * V);
+    if (full || j < nvec)
+      p[k] = stream ? load_pack_cs<T, V>(xc + static_cast<int64_t>(j) * V)
+                    : load_pack<T, V>(xc + static_cast<int64_t>(j) * V);
   }
+}
+
+// Exact two-pass moments of this thread's values of the tile at pack t0 (in registers), merged into acc. A full
+// tile (the usual case) takes no per-pack bounds tests and a compile-time count, and sums in two chains.
+template <typename T, int V, typename I>
+__device__ __forceinline__ void gn_tile_moments(const Pack<T, V> (&p)[kGnPacks], I t0, I nvec, Moments& acc) {
+  if (t0 + static_cast<I>(kGnTile) <= nvec) {
+    float s[2] = {0.f, 0.f};
+#pragma unroll
+    for (int k = 0; k < kGnPacks; ++k)
+#pragma unroll
+      for (int e = 0; e < V; ++e) s[k & 1] += pack_f32(p[k], e);
+    constexpr float kCount = kGnPacks * V;
+    const float mean = (s[0] + s[1]) * (1.f / kCount);
+    float q[2] = {0.f, 0.f};
+#pragma unroll
+    for (int k = 0; k < kGnPacks; ++k)
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float c = pack_f32(p[k], e) - mean;
+        q[k & 1] = fmaf(c, c, q[k & 1]);
+      }
+    acc = merge(acc, Moments{kCount, mean, q[0] + q[1]});
+    return;
+  }
+  float s = 0.f, cnt = 0.f;
+#pragma unroll
+  for (int k = 0; k < kGnPacks; ++k)
+    if (t0 + threadIdx.x + k * kGnThreads < nvec) {
+      cnt += V;
+#pragma unroll
+      for (int e = 0; e < V; ++e) s += pack_f32(p[k], e);
+    }
+  if (cnt == 0.f) return;
+  const float mean = __fdividef(s, cnt);
+  float m2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < kGnPacks; ++k)
+    if (t0 + threadIdx.x + k * kGnThreads < nvec) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float c = pack_f32(p[k], e) - mean;
+        m2 = fmaf(c, c, m2);
+      }
+    }
+  acc = merge(acc, Moments{cnt, mean, m2});
 }
 
 template <typename T, int V, typename I>
@@ -619,31 +667,9 @@ group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ ws, int64_t
   Pack<T, V> p[kGnPacks];
   gn_load_tile<T, V, I>(p, xc, 0, nvec, false);  // pass 2 reads x again: keep it in L2
   for (I t0 = 0; t0 < nvec; t0 += kGnTile) {
-    Pack<T, V> next[kGnPacks];
+    Pack<T, V> next[kGnPacks];  // the next tile's loads are in flight while this one's moments are taken
     if (t0 + kGnTile < nvec) gn_load_tile<T, V, I>(next, xc, t0 + kGnTile, nvec, false);
-    // Exact two-pass moments of this thread's values of the tile (they are in registers), merged into acc.
-    float s = 0.f, cnt = 0.f;
-#pragma unroll
-    for (int k = 0; k < kGnPacks; ++k)
-      if (t0 + threadIdx.x + k * kGnThreads < nvec) {
-        cnt += V;
-#pragma unroll
-        for (int e = 0; e < V; ++e) s += pack_f32(p[k], e);
-      }
-    if (cnt > 0.f) {
-      const float mean = __fdividef(s, cnt);
-      float m2 = 0.f;
-#pragma unroll
-      for (int k = 0; k < kGnPacks; ++k)
-        if (t0 + threadIdx.x + k * kGnThreads < nvec) {
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            const float c = pack_f32(p[k], e) - mean;
-            m2 = fmaf(c, c, m2);
-          }
-        }
-      acc = merge(acc, Moments{cnt, mean, m2});
-    }
+    gn_tile_moments<T, V, I>(p, t0, nvec, acc);
 #pragma unroll
     for (int k = 0; k < kGnPacks; ++k) p[k] = next[k];
   }

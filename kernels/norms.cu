@@ -254,6 +254,17 @@ struct RowCursor {
       rpb = blockDim.x >> s;
     }
   }
+  // Row r's offsets in x and y and its packs (load_row's layout); false when r is past the end (offsets 0, packs
+  // unset).
+  template <typename T, int V, int K>
+  __device__ __forceinline__ bool load(const RowLayout& L, const T* x, int64_t r, int width, int nvec,
+                                       Pack<T, V> (&p)[K], int64_t& xo, int64_t& yo) const {
+    const bool valid = r < L.rows;
+    xo = yo = 0;
+    if (valid) place(L, r, xo, yo);
+    load_row<T, V, K>(p, x + xo, valid, lane, width, nvec);
+    return valid;
+  }
   // Offsets of row r in x and y.
   __device__ __forceinline__ void place(const RowLayout& L, int64_t r, int64_t& xo, int64_t& yo) const {
     if constexpr (kFlat) {
@@ -361,11 +372,9 @@ layer_norm_regs_kernel(const T* __restrict__ x, const T* __restrict__ w, const T
   // Every thread runs the same trip count (rows past the end compute nothing) so the reductions stay convergent.
   for (int64_t base = int64_t(blockIdx.x) * rc.rpb; base < L.rows; base += int64_t(gridDim.x) * rc.rpb) {
     const int64_t r = base + rc.sub;
-    const bool valid = r < L.rows;
-    int64_t xo = 0, yo = 0;
-    if (valid) rc.place(L, r, xo, yo);
     Pack<T, V> p[K];
-    load_row<T, V, K>(p, x + xo, valid, rc.lane, width, nvec);
+    int64_t xo, yo;
+    const bool valid = rc.load(L, x, r, width, nvec, p, xo, yo);
     float mean, rstd;
     layer_norm_stats<T, V, K>(p, valid, rc.lane, width, nvec, inv_d, eps, slots, mean, rstd);
     if (!valid) continue;
@@ -407,11 +416,9 @@ rms_norm_regs_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int
   int parity = 0;
   for (int64_t base = int64_t(blockIdx.x) * rc.rpb; base < L.rows; base += int64_t(gridDim.x) * rc.rpb) {
     const int64_t r = base + rc.sub;
-    const bool valid = r < L.rows;
-    int64_t xo = 0, yo = 0;
-    if (valid) rc.place(L, r, xo, yo);
     Pack<T, V> p[K];
-    load_row<T, V, K>(p, x + xo, valid, lane, width, nvec);
+    int64_t xo, yo;
+    const bool valid = rc.load(L, x, r, width, nvec, p, xo, yo);
     const float ms = row_sum(regs_accumulate<T, V, K>(p, valid, lane, width, nvec, [](float v) { return v * v; }),
                              width, slots[parity]) * inv_d;
     parity ^= 1;

@@ -181,7 +181,9 @@ def print_summary(rows: list[dict], names: list[str]) -> None:
         print(f"| {label} | {row['torch_ms']:.4f} | {w} | {best:.4f} | {row['torch_ms'] / best:.3f}x "
               f"| {a['config']} | {a['ms']:.4f} | {row['torch_ms'] / a['ms']:.3f}x |")
     print("\n## Rows for kSm90Winners in kernels/gemm.cu: {M, N, K, plain winner, gated winner or -1}")
-    print("(a linear with an activation runs the plain winner: its gelu_tanh timings above show how that one fares)")
+    print("(a linear with an activation runs the plain winner: its gelu_tanh timings above show how that one fares;")
+    l2_mib = torch.cuda.get_device_properties(0).L2_cache_size >> 20
+    print(f" untagged rows serve every card: to make a row this card's only, append its L2 size, {l2_mib} MiB)")
     by_kind = {(r["M"], r["N"], r["K"], r["kind"]): r for r in rows}
     for row in rows:
         if row["kind"] != "bias" or row["winner"] is None:

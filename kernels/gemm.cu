@@ -72,9 +72,13 @@ static_assert(kSm90Configs[kCfgPingpong128x128].kernel == kSm90Pingpong128x128 &
 // C-reading sibling when that is the lean kernel). The sweep prints rows in this form; paste them here. Shapes not
 // listed go by sm90_rule. (Session 8 kept a third column for activation epilogues; once the 192x192 lean kernel
 // won gelu_tanh too, no row differed from its plain winner by more than the sweep's noise, and it was dropped.)
+// l2_mib: the L2 size (MiB) of the card a row is for; 0 = any card. Untagged rows were swept on an H200; a row
+// tagged with a card's L2 size takes precedence on that card, where its sweep found a different winner by a margin
+// well above the noise.
 struct Sm90Winner {
   int64_t M, N, K;
   int plain, gated;
+  int l2_mib = 0;
 };
 constexpr Sm90Winner kSm90Winners[] = {
     // Measured by bench/gemm_sweep.py on an H200 (2026-11-26, bf16; docs/benchmarks.md): the fastest configuration
@@ -108,6 +112,9 @@ constexpr Sm90Winner kSm90Winners[] = {
     // Wan2.2-TI2V-5B 704x1280x121
     {27280, 14336, 3072, 14, -1},  // ff up: 3.689 vs 3.552
     {27280, 3072, 14336, 16, -1},  // ff down: 3.531 vs 3.478
+    // H100 80GB HBM3 (50 MiB L2), bench/gemm_sweep.py 2026-11-26 (session 10), where the H200 winner falls behind
+    {27280, 14336, 3072, 16, -1, 50},  // Wan ff up: 3.636 vs 3.440 (config 14: 4.130-4.535 in three sweeps)
+    {4608, 3072, 3072, 22, 21, 50},    // FLUX attention out: 0.122 vs 0.117 (config 14: 0.136); gated 0.131 vs 0.188
 };
 
 constexpr bool winners_valid() {
@@ -149,15 +156,30 @@ int gated_sibling(int config) {
   return kCfgCoop128x256Dp;
 }
 
-int choose_sm90_config(const LinearProblem& p, int sm_count) {
-  if (g_sm90_force_config >= 0) return g_sm90_force_config;  // may not take p: the caller then moves on
+// The winners-table row for p on this card: one tagged with the card's L2 size first, else an untagged one.
+const Sm90Winner* find_winner(const LinearProblem& p, const DeviceFacts& dev) {
+  const Sm90Winner* any = nullptr;
   for (const Sm90Winner& w : kSm90Winners) {
     if (w.M != p.M || w.N != p.N || w.K != p.K) continue;
-    if (p.gate && w.gated >= 0) return w.gated;
-    return p.gate ? gated_sibling(w.plain) : w.plain;
+    if (w.l2_mib != 0 && w.l2_mib == dev.l2_mib) return &w;
+    if (w.l2_mib == 0 && !any) any = &w;
   }
-  const int config = sm90_rule(p, sm_count);
+  return any;
+}
+
+// The automatic choice: the winners-table row for p on this card, else sm90_rule.
+int auto_sm90_config(const LinearProblem& p, const DeviceFacts& dev) {
+  if (const Sm90Winner* w = find_winner(p, dev)) {
+    if (p.gate && w->gated >= 0) return w->gated;
+    return p.gate ? gated_sibling(w->plain) : w->plain;
+  }
+  const int config = sm90_rule(p, dev.sm_count);
   return p.gate ? gated_sibling(config) : config;
+}
+
+int choose_sm90_config(const LinearProblem& p, const DeviceFacts& dev) {
+  if (g_sm90_force_config >= 0) return g_sm90_force_config;  // may not take p: the caller then moves on
+  return auto_sm90_config(p, dev);
 }
 
 int run_config(const LinearProblem& p, int config, int sm_count, cudaStream_t stream) {
@@ -176,8 +198,9 @@ const void* offset(const void* p, int64_t elements, int dtype) {
   return p ? static_cast<const char*>(p) + elements * element_size(dtype) : nullptr;
 }
 
-int run_sm90(const LinearProblem& p, int sm_count, cudaStream_t stream) {
-  if (!p.gate) return run_config(p, choose_sm90_config(p, sm_count), sm_count, stream);
+int run_sm90(const LinearProblem& p, const DeviceFacts& dev, cudaStream_t stream) {
+  const int sm_count = dev.sm_count;
+  if (!p.gate) return run_config(p, choose_sm90_config(p, dev), sm_count, stream);
   const int64_t batches = p.M / p.rows_per_gate;
   if (batches <= kMaxFusedGateLaunches) {
     const int64_t S = p.rows_per_gate;
@@ -189,7 +212,7 @@ int run_sm90(const LinearProblem& p, int sm_count, cudaStream_t stream) {
       q.residual = offset(p.residual, b * S * p.N, p.dtype);
       q.out = const_cast<void*>(offset(p.out, b * S * p.N, p.dtype));
       q.gate = offset(p.gate, b * p.N, p.dtype);
-      if (config < 0) config = choose_sm90_config(q, sm_count);
+      if (config < 0) config = choose_sm90_config(q, dev);
       const int st = run_config(q, config, sm_count, stream);
       if (st) return st;  // kGemmNotSupported can only come from the first launch: all share one shape
     }
@@ -197,7 +220,7 @@ int run_sm90(const LinearProblem& p, int sm_count, cudaStream_t stream) {
   }
   LinearProblem q = p;
   q.gate = q.residual = nullptr;
-  const int st = run_config(q, choose_sm90_config(q, sm_count), sm_count, stream);
+  const int st = run_config(q, choose_sm90_config(q, dev), sm_count, stream);
   if (st) return st;
   return gated_residual_inplace(p.out, p.gate, p.residual, p.M, p.N, p.rows_per_gate, p.dtype, stream);
 }
@@ -231,8 +254,10 @@ int current_device_facts(DeviceFacts* facts) {
   DeviceFacts f;
   if ((e = cudaDeviceGetAttribute(&f.cc_major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess ||
       (e = cudaDeviceGetAttribute(&f.cc_minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess ||
-      (e = cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+      (e = cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
+      (e = cudaDeviceGetAttribute(&f.l2_mib, cudaDevAttrL2CacheSize, dev)) != cudaSuccess)
     return static_cast<int>(e);
+  f.l2_mib >>= 20;  // bytes -> MiB
   if (dev < kMaxDevices) {
     g_facts[dev] = f;
     g_facts_known[dev] = true;
@@ -258,7 +283,7 @@ int linear_dispatch(const LinearProblem& p, cudaStream_t stream) {
 
 #ifdef FASTDM_HAS_SM90
   if (tensor_cores && dev.cc_major == 9 && (force == kPathAuto || force == kPathSm90)) {
-    const int st = run_sm90(p, dev.sm_count, stream);
+    const int st = run_sm90(p, dev, stream);
     if (st != kGemmNotSupported) {
       g_last_path = kPathSm90;
       return st;
@@ -393,6 +418,27 @@ FDM_API int fdm_gemm_sm90_set_config(int config) {
     return arg_error("sm90 GEMM configuration %d does not exist (want -1 or 0..%d)", config, kSm90ConfigCount - 1);
   g_sm90_force_config = config;
   return 0;
+}
+
+// The configuration the automatic choice picks (a forced one aside) for an M x K -> N linear, gated or not, on a
+// card with `sm_count` SMs and `l2_mib` MiB of L2; a query, not a status. Host-only: tests check per-card rows with
+// it, and that it agrees with what a real linear ran.
+FDM_API int fdm_gemm_sm90_auto_config(int64_t M, int64_t N, int64_t K, int gated, int sm_count, int l2_mib) {
+#ifdef FASTDM_HAS_SM90
+  static const char kGate = 0;  // only its presence matters here
+  LinearProblem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.gate = gated ? &kGate : nullptr;
+  DeviceFacts dev;
+  dev.sm_count = sm_count;
+  dev.l2_mib = l2_mib;
+  return auto_sm90_config(p, dev);
+#else
+  (void)M, (void)N, (void)K, (void)gated, (void)sm_count, (void)l2_mib;
+  return -1;
+#endif
 }
 
 // The number of sm90 configurations; a query, not a status.

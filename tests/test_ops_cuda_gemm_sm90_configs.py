@@ -267,3 +267,28 @@ def test_winners_pick_per_epilogue(rng, forced_sm90):
     assert picked["bias"] == picked["gelu_tanh"], picked
     assert not takes_gate(names[picked["bias"]]), picked  # the row's plain winner is a lean kernel ...
     assert takes_gate(names[picked["gated"]]), picked  # ... so the gated residual runs its C-reading sibling
+
+
+def test_winners_per_card(rng, forced_sm90):
+    """Rows of kSm90Winners tagged with a card's L2 size win on that card; untagged rows serve every card. FLUX's
+    attention-out shape (4608 x 3072 -> 3072) has an H100 row (50 MiB of L2) besides the H200-swept one, so the
+    choice differs between the two cards, and both gated choices take a gate; a shape with one untagged row (mlp up)
+    and one with no row (the rule) choose alike on both. On this GPU the configuration a real linear runs is the one
+    fdm_gemm_sm90_auto_config names for this card's SM count and L2 size."""
+    auto = forced_sm90.fdm_gemm_sm90_auto_config
+    auto.restype = ctypes.c_int
+    auto.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+    names = config_names(forced_sm90)
+    h100, h200 = (auto(4608, 3072, 3072, 0, 132, 50), auto(4608, 3072, 3072, 0, 132, 60))
+    assert h100 != h200
+    for l2 in (50, 60):
+        assert takes_gate(names[auto(4608, 3072, 3072, 1, 132, l2)])
+    for m, n, k in [(4608, 12288, 3072), (1000, 2000, 3000)]:
+        assert auto(m, n, k, 0, 132, 50) == auto(m, n, k, 0, 132, 60)
+    m, k, n = 4608, 3072, 3072
+    x, w = gpu(rand(rng, "bfloat16", m, k)), gpu(rand(rng, "bfloat16", n, k, scale=k ** -0.5))
+    kernels.call("fdm_gemm_sm90_set_config", -1)
+    ops_cuda().linear(x, w, None)
+    dev = cuda.Device(0)
+    want = auto(m, n, k, 0, dev.multiprocessor_count, dev.l2_cache_size >> 20)
+    assert forced_sm90.fdm_gemm_sm90_last_config() == want

@@ -283,10 +283,10 @@ constexpr int kRegMaxThreads = 512;
 
 // Sum over the threads of a row held in registers: a group of width <= 32 lanes (shuffles only), or the whole
 // block (width == blockDim.x > 32): shuffles, then one barrier, and each warp sums the per-warp partials from
-// `slots` by shuffles (every thread gets the same bits). No barrier guards the slots' reuse: a kernel
-// gives each reduction of a row its own slots and reduces twice a row (sum, then squared deviations), so a
-// thread can only overwrite slots[0] for the next row after every thread passed the barrier of slots[1], which
-// they reach only after reading slots[0].
+// `slots` by shuffles (every thread gets the same bits). No barrier guards the slots' reuse: a kernel uses two
+// slot arrays in turn (LayerNorm: one per reduction of a row; RMSNorm: one per row, alternating), so a thread can
+// only overwrite an array after every thread passed the barrier of the other one, which they reach only after
+// reading it.
 __device__ __forceinline__ float row_sum(float v, int width, float* slots) {
   v = group_sum(v, width < 32 ? width : 32);
   if (width <= 32) return v;

@@ -63,13 +63,11 @@ def same_size_copy_ms(moved_bytes: int) -> float:
     memory-bound rows are (rotating buffers over 3x the L2). At tens of MB a copy reaches only ~80% of the 1 GiB
     copy ceiling (launch ramp and tail), so this is the practical bound for a one-pass kernel of that size."""
     import itertools
-    import math
 
     n = max(moved_bytes // 2, 1)
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    pairs = [(torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda"))
-             for _ in range(min(16, max(2, math.ceil(3 * l2 / n))))]
-    cycle = itertools.cycle(pairs)
+    cycle = itertools.cycle(rotating_sets(
+        lambda: (torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")),
+        n))
 
     def copy():
         a, b = next(cycle)
@@ -118,14 +116,20 @@ def bench_attention(ceil, quick):
         attention_case(name, *shape, ceil)
 
 
-def rotating(make, nbytes_in: int):
-    """(next_torch, next_fastdm): calls that cycle over enough input sets (make() -> tuple of torch tensors) to
-    exceed 3x the L2 cache, so back-to-back calls read from DRAM as in a model, not from L2."""
-    import itertools
+def rotating_sets(make, nbytes_in: int) -> list:
+    """Enough input sets (make() -> tuple of torch tensors, nbytes_in bytes read from each) to exceed 3x the L2
+    cache, so back-to-back calls cycling over them read from DRAM as in a model, not from L2."""
     import math
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    sets = [make() for _ in range(min(16, max(2, math.ceil(3 * l2 / max(nbytes_in, 1)))))]
+    return [make() for _ in range(min(16, max(2, math.ceil(3 * l2 / max(nbytes_in, 1)))))]
+
+
+def rotating(make, nbytes_in: int):
+    """(next_torch, next_fastdm): calls that cycle over rotating_sets(make, nbytes_in)."""
+    import itertools
+
+    sets = rotating_sets(make, nbytes_in)
     ours = [tuple(fd(t) for t in ts) for ts in sets]
     t_cycle, o_cycle = itertools.cycle(sets), itertools.cycle(ours)
     return (lambda: next(t_cycle)), (lambda: next(o_cycle))

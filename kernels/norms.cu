@@ -358,7 +358,8 @@ __device__ __forceinline__ int64_t modulation_offset(const RowLayout& L, int64_t
   return o * mod_sb + (r - o * L.inner) * mod_ss;
 }
 
-// Rows of width <= 32 lanes, several a block (grid-stride over rows).
+// Rows of width <= 32 lanes, several a block (grid-stride over rows); also rows spanning a block when there are
+// more than a grid of one block a row can hold (layer_norm_block_kernel takes them otherwise).
 // K <= 4: at most 64 registers (two 512-thread blocks' worth).
 // kMod: LayerNorm without affine, then the modulation (shift and scale set, w and b unused); else the optional
 // affine (w, b may be null) and no modulation. Compiled apart, each form holds only its own operands' registers.
@@ -367,7 +368,7 @@ __global__ void __launch_bounds__(kRegMaxThreads, K <= 4 ? 2 : 1)
 layer_norm_regs_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                        const T* __restrict__ shift, const T* __restrict__ scale, int64_t mod_sb, int64_t mod_ss,
                        T* __restrict__ y, RowLayout L, int nvec, float inv_d, float eps, int width) {
-  __shared__ float slots[2][kRegMaxThreads / 32];  // unused at width <= 32; row_sum's signature
+  __shared__ float slots[2][kRegMaxThreads / 32];  // row_sum's, used when a row spans the block
   const RowCursor<kFlat> rc(width);
   // Every thread runs the same trip count (rows past the end compute nothing) so the reductions stay convergent.
   for (int64_t base = int64_t(blockIdx.x) * rc.rpb; base < L.rows; base += int64_t(gridDim.x) * rc.rpb) {

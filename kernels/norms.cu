@@ -14,6 +14,7 @@
 // long rows): they re-read the row per pass (the passes after the first hit L1/L2).
 #include <type_traits>
 
+#include "gemm.cuh"  // current_device_facts
 #include "vec.cuh"
 
 namespace fdm {
@@ -792,7 +793,21 @@ int launch_group_norm(const void* x, const void* w, const void* b, void* y, floa
   return launch_status();
 }
 
+// Which GroupNorm ran last / is forced (fdm_group_norm_set_path, fdm_group_norm_last_path; used by tests).
+enum GroupNormPath : int { kGnAuto = 0, kGnOnePass = 1, kGnTwoPass = 2 };
+int g_gn_force_path = kGnAuto;
+int g_gn_last_path = kGnAuto;
+
 }  // namespace
+
+#ifdef FASTDM_HAS_SM90
+// kernels/sm90/group_norm_sm90.cu: NCHW GroupNorm in one pass with a cluster holding each group. Returns 0 or a
+// cudaError_t once it launched, kGroupNormSm90Declined (nothing launched) where it cannot take the call.
+constexpr int kGroupNormSm90Declined = -1000;
+int group_norm_sm90(const void* x, const void* w, const void* b, void* y, int64_t N, int64_t C, int64_t HW, int G,
+                    float eps, bool silu_act, int dtype, cudaStream_t stream);
+#endif
+
 }  // namespace fdm
 
 using namespace fdm;
@@ -937,6 +952,26 @@ FDM_API int fdm_group_norm(const void* x, const void* w, const void* b, void* y,
   if (chunks < 1 || chunks > 65535) return arg_error("fdm_group_norm: chunks %d not in [1, 65535]", chunks);
   if (N * G > 65535) return arg_error("fdm_group_norm: N * groups = %lld exceeds 65535", (long long)(N * G));
   if (N == 0 || C == 0 || HW == 0) return 0;
+  // Hopper: the one-pass cluster kernel where a group fits its shared memory (groups up to 512 KB, 16-byte packs);
+  // the two-pass kernels below take what it declines, unless the one-pass path is forced (then the call fails).
+  if (g_gn_force_path != kGnTwoPass) {
+#ifdef FASTDM_HAS_SM90
+    DeviceFacts dev;
+    if (const int e = current_device_facts(&dev)) return e;
+    if (dev.cc_major == 9 && dev.cc_minor == 0) {
+      const int st = group_norm_sm90(x, w, b, y, N, C, HW, G, eps, silu != 0, dtype, stream);
+      if (st != kGroupNormSm90Declined) {
+        g_gn_last_path = kGnOnePass;
+        return st;
+      }
+    }
+#endif
+    if (g_gn_force_path == kGnOnePass)
+      return arg_error("fdm_group_norm: the one-pass path was forced but cannot take this call (it needs an sm_90 "
+                       "device and sm_90a build, a group of at most 512 KB, HW a multiple of 16 bytes, aligned x and "
+                       "y)");
+  }
+  g_gn_last_path = kGnTwoPass;
   FDM_DISPATCH_FLOAT(dtype, {
     using T = scalar_t;
     constexpr int V = vec16<T>();
@@ -947,3 +982,14 @@ FDM_API int fdm_group_norm(const void* x, const void* w, const void* b, void* y,
   });
   return 0;
 }
+
+// Test hook: 0 picks the GroupNorm kernel by device and call; 1 forces the one-pass sm90 kernel (a call it cannot
+// take then fails with an argument error), 2 the two-pass kernels.
+FDM_API int fdm_group_norm_set_path(int path) {
+  if (path < kGnAuto || path > kGnTwoPass) return arg_error("unknown group_norm path %d", path);
+  g_gn_force_path = path;
+  return 0;
+}
+
+// The kernel (1 one-pass, 2 two-pass) that ran the last NCHW group_norm call on any thread; a query, not a status.
+FDM_API int fdm_group_norm_last_path() { return g_gn_last_path; }

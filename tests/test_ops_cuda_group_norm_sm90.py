@@ -1,0 +1,114 @@
+"""The one-pass Hopper GroupNorm (kernels/sm90/group_norm_sm90.cu) against ops.cpu's group_norm.
+
+fdm_group_norm_set_path forces the one-pass kernel and fdm_group_norm_last_path confirms it ran. Shapes cover one CTA
+a group, 2-4 CTAs, the 16-CTA non-portable cluster (512 KB groups), pieces that end inside a channel with a shorter
+last piece, and channel counts per group from 1 to 35. x has a large mean (the merged statistics must not cancel).
+Before each op the allocator's free memory is filled with NaN bytes, so anything left unwritten comes back NaN.
+"""
+
+import zlib
+
+import numpy as np
+import pytest
+from fastdm.runtime import cuda
+from fastdm.runtime.errors import CudaError
+from fastdm.runtime.ops import cpu
+from gpu_ops import DTYPES, gpu, oc, poisoned, rand
+from numerics import TOL, rel_l2
+
+from fastdm import kernels
+
+pytestmark = pytest.mark.gpu
+
+AUTO, ONE_PASS, TWO_PASS = 0, 1, 2
+
+# (shape [N, C, *spatial], groups); per dtype the group is 2 (fp16/bf16) or 4 (fp32) bytes an element.
+SHAPES = [
+    ((1, 32, 8, 8), 32),        # one channel a group, 128-256 bytes
+    ((2, 64, 33, 16), 32),      # HW 528
+    ((2, 320, 32, 32), 32),     # SDXL: Cg 10, one CTA
+    ((2, 320, 64, 64), 32),     # SDXL: 80 / 160 KB groups, 2 / 3 CTAs
+    ((1, 512, 64, 64), 32),     # 128 / 256 KB groups, 2 / 4 CTAs
+    ((1, 70, 1928), 2),         # Cg 35, 3 / 5 CTAs: pieces end inside a channel, the last one shorter
+    ((1, 32, 128, 128), 4),     # 256 / 512 KB groups: 4 CTAs / 16 (a non-portable cluster)
+]
+
+
+def ids(cases):
+    return ["x".join(map(str, s)) + f"-g{g}" for s, g in cases]
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def set_path(path: int) -> None:
+    kernels.call("fdm_group_norm_set_path", path)
+
+
+def last_path() -> int:
+    return kernels.library().fdm_group_norm_last_path()
+
+
+@pytest.fixture(autouse=True)
+def sm90():
+    if cuda.Device(0).compute_capability != (9, 0) or not kernels.library().fdm_has_sm90():
+        pytest.skip("needs a compute capability 9.0 GPU and a kernel library built for sm_90a")
+    yield
+    set_path(AUTO)
+
+
+def run(x, w, b, groups, activation, path):
+    set_path(path)
+    out = poisoned(oc().group_norm, gpu(x), None if w is None else gpu(w), None if b is None else gpu(b),
+                   num_groups=groups, eps=1e-5, activation=activation)
+    return out, last_path()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=ids(SHAPES))
+@pytest.mark.parametrize("affine,activation", [(True, "silu"), (False, None), (True, None)],
+                         ids=["affine_silu", "plain", "affine"])
+def test_one_pass(rng, dtype, shape, groups, affine, activation):
+    x = rand(rng, dtype, *shape, scale=3.0, shift=5.0)
+    c = shape[1]
+    w = rand(rng, dtype, c, shift=1.0) if affine else None
+    b = rand(rng, dtype, c) if affine else None
+    out, path = run(x, w, b, groups, activation, ONE_PASS)
+    assert path == ONE_PASS
+    ref = cpu.group_norm(x, w, b, num_groups=groups, eps=1e-5, activation=activation)
+    err = rel_l2(out.numpy().astype(np.float32), ref)
+    assert err < TOL[dtype], f"rel_l2 {err:.3g} >= {TOL[dtype]}"
+
+
+def test_paths_agree_and_repeat(rng):
+    """One-pass and two-pass give the same normalization (to rounding); the one-pass kernel is deterministic."""
+    x = rand(rng, "float32", 2, 320, 64, 64, scale=2.0, shift=-3.0)
+    w, b = rand(rng, "float32", 320, shift=1.0), rand(rng, "float32", 320)
+    one, _ = run(x, w, b, 32, "silu", ONE_PASS)
+    again, _ = run(x, w, b, 32, "silu", ONE_PASS)
+    two, path = run(x, w, b, 32, "silu", TWO_PASS)
+    assert path == TWO_PASS
+    assert np.array_equal(one.numpy(), again.numpy())
+    assert rel_l2(one.numpy(), two.numpy()) < 1e-6
+
+
+def test_auto_takes_one_pass_where_it_fits(rng):
+    x = rand(rng, "bfloat16", 2, 320, 32, 32)
+    _, path = run(x, None, None, 32, "silu", AUTO)
+    assert path == ONE_PASS
+    # HW = 65 is not a whole number of 16-byte packs, a 2 MB group does not fit a cluster: both go two-pass.
+    for shape, groups in (((1, 64, 5, 13), 4), ((1, 64, 128, 128), 1)):
+        x = rand(rng, "bfloat16", *shape, shift=2.0)
+        out, path = run(x, None, None, groups, None, AUTO)
+        assert path == TWO_PASS
+        ref = cpu.group_norm(x, None, None, num_groups=groups, eps=1e-5)
+        assert rel_l2(out.numpy().astype(np.float32), ref) < TOL["bfloat16"]
+
+
+def test_forced_one_pass_says_why_it_cannot(rng):
+    x = gpu(rand(rng, "bfloat16", 1, 64, 128, 128))  # one 2 MB group: more than 16 CTAs of shared memory
+    set_path(ONE_PASS)
+    with pytest.raises(CudaError, match="one-pass path was forced"):
+        oc().group_norm(x, num_groups=1)

@@ -149,17 +149,42 @@ def gelu_mul(bench: Bench) -> None:
                [lambda g=g: ops.gelu_mul(g) for g in map(fd, sets)])
 
 
+def group_norm_path(path: int) -> None:
+    """fastdm's GroupNorm kernel choice (0 automatic, 1 the one-pass Hopper cluster kernel, 2 the two-pass kernels)."""
+    from fastdm import kernels
+
+    kernels.call("fdm_group_norm_set_path", path)
+
+
 def group_norm_silu(bench: Bench) -> None:
-    shape = (2, 512, 128, 128)
-    numel = math.prod(shape)
-    w, b = bf16(512), bf16(512)
+    """NCHW GroupNorm + SiLU at SDXL's shapes (UNet, and the VAE decoder's 512 channels at 128x128) vs torch; on
+    Hopper also the two-pass kernels against the one-pass kernel the automatic choice takes there."""
+    for shape in ((2, 512, 128, 128), (2, 320, 128, 128), (2, 640, 64, 64), (2, 1280, 32, 32)):
+        group_norm_silu_case(bench, shape)
+
+
+def group_norm_silu_case(bench: Bench, shape: tuple[int, ...]) -> None:
+    numel, c = math.prod(shape), shape[1]
+    w, b = bf16(c), bf16(c)
     fw, fb = fd(w), fd(b)
     sets = copies(lambda: bf16(*shape), numel * 2)
-    # Counted as one read + one write (as bench/kernels.py); the two-kernel GroupNorm reads x twice, the second
-    # time partly from L2.
-    bench.case("group_norm+silu [2,512,128,128]", 2 * numel * 2,
+    fsets = [fd(x) for x in sets]
+    # Counted as one read + one write (as bench/kernels.py); the two-pass form reads x twice, the second time partly
+    # from L2.
+    bench.case(f"group_norm+silu {list(shape)}", 2 * numel * 2,
                [lambda x=x: F.silu(F.group_norm(x, 32, w, b, eps=1e-6)) for x in sets],
-               [lambda x=x: ops.group_norm(x, 32, fw, fb, eps=1e-6, activation="silu") for x in map(fd, sets)])
+               [lambda x=x: ops.group_norm(x, 32, fw, fb, eps=1e-6, activation="silu") for x in fsets])
+    if torch.cuda.get_device_capability() != (9, 0):
+        return
+
+    def with_path(path, x):
+        group_norm_path(path)
+        return ops.group_norm(x, 32, fw, fb, eps=1e-6, activation="silu")
+
+    bench.case(f"group_norm+silu {list(shape)} one-pass vs fastdm two-pass (baseline)", 2 * numel * 2,
+               [lambda x=x: with_path(2, x) for x in fsets], [lambda x=x: with_path(1, x) for x in fsets],
+               baseline_is_fastdm=True)
+    group_norm_path(0)
 
 
 def group_norm_silu_nhwc(bench: Bench) -> None:

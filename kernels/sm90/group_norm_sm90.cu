@@ -3,16 +3,17 @@
 //
 // The two-pass form (norms.cu) reads x twice, statistics then normalize. Here a thread block cluster holds one whole
 // group on chip: each CTA pulls its piece of the group (a contiguous run of x) into shared memory with bulk TMA
-// copies, takes the piece's exact moments stage by stage as the copies land, the CTAs merge their moments through
-// distributed shared memory, and every CTA normalizes its piece from shared memory and writes y. x is read from DRAM
-// once, in one launch with no workspace.
+// copies, plus a register-held tail, takes the piece's exact moments stage by stage as the copies land, the CTAs
+// merge their moments through distributed shared memory, and every CTA normalizes its piece from chip and writes y.
+// x is read from DRAM once, in one launch with no workspace.
 //
 // Group n*G + g of x [N, C, HW] is the contiguous run of L = (C / G) * HW elements at (n*G + g) * L; CTA r of the
-// group's cluster takes elements [r * piece, min(L, (r+1) * piece)). Several CTAs share an SM (pieces of 32-64 KB),
-// and a grid of more clusters than fit at once streams through in waves, later waves' loads under earlier waves'
-// stores. What it does not reach: the first wave loads ~29 MB before any store starts (every CTA needs its whole
-// group's statistics first), so at SDXL's [2, 512, 128, 128] it runs ~37 us on the H100 against a 25.5 us copy of
-// the same bytes (two-pass: ~39 us); docs/kernel_notes.md, session 11, has the traces and the variants tried.
+// group's cluster takes elements [r * piece, min(L, (r+1) * piece)). Four CTAs share an SM, and SDXL's GroupNorm
+// inputs are on chip in a single wave (a second wave of a few clusters, which ran alone after the first, cost
+// ~7 us). What it does not reach: every CTA needs its whole group's statistics before its first store, so the
+// ~33 MB of reads all come before the writes, and a cluster waits for its slowest CTA's copies (load completion
+// spreads over ~8 us). At [2, 512, 128, 128] bf16 it runs ~35 us on the H100 against a 25.5 us copy of the same
+// bytes and ~39 us for the two-pass kernels; docs/kernel_notes.md, session 11, has the traces and the variants tried.
 #include <cooperative_groups.h>
 
 #include <mutex>
@@ -33,6 +34,7 @@ namespace {
 constexpr int kGnoThreads = 256;
 constexpr int kStageBytes = 16384;  // one bulk copy and one mbarrier each; statistics start as each lands
 constexpr int kMaxCluster = 16;     // non-portable above 8: granted where the GPU can co-schedule it
+constexpr int kRegPacks = 6;        // 16-byte packs a thread holds in registers: 24 KB of a CTA's piece
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -65,13 +67,13 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
-// Shared memory: the piece (rounded up to 16 bytes), then its stage barriers, the per-warp and per-CTA moments, and
+// Shared memory: the piece's held part (rounded up to 16 bytes), then its stage barriers, the per-warp and per-CTA moments, and
 // each channel's (scale, shift).
 struct GnoLayout {
   uint32_t stages, bars, warp_moments, cta_moments, coef, bytes;
-  __host__ __device__ GnoLayout(uint32_t piece_bytes, int threads, int channels) {
-    stages = (piece_bytes + kStageBytes - 1) / kStageBytes;
-    bars = (piece_bytes + 15) / 16 * 16;
+  __host__ __device__ GnoLayout(uint32_t held_bytes, int threads, int channels) {
+    stages = (held_bytes + kStageBytes - 1) / kStageBytes;
+    bars = (held_bytes + 15) / 16 * 16;
     warp_moments = bars + 8 * stages;
     cta_moments = warp_moments + sizeof(Moments) * (threads / 32);
     coef = (cta_moments + sizeof(Moments) + 7) / 8 * 8;
@@ -79,22 +81,17 @@ struct GnoLayout {
   }
 };
 
-// Exact moments of this thread's packs of one stage (the k-th at index j0 + k * kThreads, those below nvec),
-// merged into acc.
+// Exact moments of this thread's packs p[k] (pack index j0 + k * kThreads, those below nvec), merged into acc.
 template <typename T, int V, int K, int kThreads>
-__device__ __forceinline__ void stage_moments(const Pack<T, V>* packs, uint32_t j0, uint32_t nvec, Moments& acc) {
-  Pack<T, V> p[K];
+__device__ __forceinline__ void packs_moments(const Pack<T, V> (&p)[K], uint32_t j0, uint32_t nvec, Moments& acc) {
   float cnt = 0.f, s = 0.f;
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const uint32_t j = j0 + k * kThreads;
-    if (j < nvec) {
-      p[k] = packs[j];
+  for (int k = 0; k < K; ++k)
+    if (j0 + k * kThreads < nvec) {
       cnt += V;
 #pragma unroll
       for (int e = 0; e < V; ++e) s += pack_f32(p[k], e);
     }
-  }
   if (cnt == 0.f) return;
   const float mean = __fdividef(s, cnt);
   float q = 0.f;
@@ -110,21 +107,39 @@ __device__ __forceinline__ void stage_moments(const Pack<T, V>* packs, uint32_t 
   acc = merge(acc, Moments{cnt, mean, q});
 }
 
+// y = act(x * a + c) of one pack.
+template <typename T, int V, bool kSilu>
+__device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V>& p, float2 ac) {
+  Pack<T, V> out;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    float v = fmaf(pack_f32(p, e), ac.x, ac.y);
+    if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
+    out.v[e] = from_f32<T>(v);
+  }
+  return out;
+}
+
 // grid (ranks, N * G), cluster (ranks, 1, 1): CTA r of group n*G + g's cluster holds elements
-// [r * piece, min(L, (r+1) * piece)) of it (piece a multiple of V; L: the group's elements).
-template <typename T, bool kSilu, int kThreads>
-__global__ void __launch_bounds__(kThreads)
+// [r * piece, min(L, (r+1) * piece)) of it (piece a multiple of V; L: the group's elements), the first `held` of
+// them in shared memory and the rest (at most kRegPacks packs a thread) in registers, so four CTAs fit an SM and the
+// SDXL shapes' whole tensor is on chip at once.
+template <typename T, bool kSilu>
+__global__ void __launch_bounds__(kGnoThreads, 4)
 group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                          T* __restrict__ y, uint32_t L, uint32_t HW, int Cg, int G, uint32_t piece, float eps) {
+                          T* __restrict__ y, uint32_t L, uint32_t HW, int Cg, int G, uint32_t piece, uint32_t held,
+                          float eps) {
   constexpr int V = vec16<T>();
   constexpr int kStagePacks = kStageBytes / 16;
-  constexpr int kPacksPerThread = kStagePacks / kThreads;
+  constexpr int kPacksPerThread = kStagePacks / kGnoThreads;
   extern __shared__ __align__(128) unsigned char smem[];
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank(), ranks = cluster.num_blocks();
   const int64_t ng = blockIdx.y;
-  const uint32_t p0 = rank * piece, n = L - p0 < piece ? L - p0 : piece, nvec = n / V, bytes = n * sizeof(T);
-  const GnoLayout lay(piece * sizeof(T), kThreads, Cg);
+  const uint32_t p0 = rank * piece, n = L - p0 < piece ? L - p0 : piece;
+  const uint32_t n_smem = n < held ? n : held, nvec = n_smem / V, nvec_regs = (n - n_smem) / V;
+  const uint32_t bytes = n_smem * sizeof(T);
+  const GnoLayout lay(held * sizeof(T), kGnoThreads, Cg);
   const int stages = static_cast<int>((bytes + kStageBytes - 1) / kStageBytes);
   auto* bars = reinterpret_cast<uint64_t*>(smem + lay.bars);
   auto* warp_m = reinterpret_cast<Moments*>(smem + lay.warp_moments);
@@ -144,17 +159,34 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   }
   __syncthreads();  // the barriers are initialized before anyone waits on them
 
+  // The register part: pack tid + k * kGnoThreads of it for this thread, loaded once the shared memory part has
+  // landed (issued with the bulk copies it was ~2 us slower at [2, 512, 128, 128] on the H100).
+  const T* xr = x + ng * L + p0 + held;
+  Pack<T, V> regs[kRegPacks];
+  auto load_regs = [&]() {
+#pragma unroll
+    for (int k = 0; k < kRegPacks; ++k)
+      if (threadIdx.x + k * kGnoThreads < nvec_regs)
+        regs[k] = load_pack_cs<T, V>(xr + static_cast<int64_t>(threadIdx.x + k * kGnoThreads) * V);
+  };
   Moments acc{0.f, 0.f, 0.f};
   for (int s = 0; s < stages; ++s) {
     mbar_wait(&bars[s], 0);
-    stage_moments<T, V, kPacksPerThread, kThreads>(packs, s * kStagePacks + threadIdx.x, nvec, acc);
+    Pack<T, V> p[kPacksPerThread];
+    const uint32_t j0 = s * kStagePacks + threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < kPacksPerThread; ++k)
+      if (j0 + k * kGnoThreads < nvec) p[k] = packs[j0 + k * kGnoThreads];
+    packs_moments<T, V, kPacksPerThread, kGnoThreads>(p, j0, nvec, acc);
   }
+  load_regs();
+  packs_moments<T, V, kRegPacks, kGnoThreads>(regs, threadIdx.x, nvec_regs, acc);
   acc = group_merge(acc, 32);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) warp_m[warp] = acc;
   __syncthreads();
   if (warp == 0) {
-    Moments m = lane < kThreads / 32 ? warp_m[lane] : Moments{0.f, 0.f, 0.f};
+    Moments m = lane < kGnoThreads / 32 ? warp_m[lane] : Moments{0.f, 0.f, 0.f};
     m = group_merge(m, 32);
     if (lane == 0) *cta_m = m;
   }
@@ -174,24 +206,25 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   cluster.barrier_arrive();  // done reading the other CTAs' shared memory: they may exit once all have arrived
   __syncthreads();           // coef is written
 
-  // This thread's packs step by kStride elements: their channel (within the group) and offset in it follow by
-  // adding, not dividing. V divides HW, so a pack never straddles two channels.
-  constexpr uint32_t kStride = kThreads * V;
+  // The register part first (its stores go out while the shared memory part is read). V divides HW, so a pack
+  // never straddles two channels.
+  T* yp = y + ng * L + p0;
+#pragma unroll
+  for (int k = 0; k < kRegPacks; ++k) {
+    const uint32_t j = threadIdx.x + k * kGnoThreads;
+    if (j < nvec_regs) {
+      const uint32_t e = held + j * V;
+      store_pack_cs<T, V>(yp + e, normalize<T, V, kSilu>(regs[k], coef[(p0 + e) / HW]));
+    }
+  }
+  // This thread's shared memory packs step by kStride elements: their channel (within the group) and offset in it
+  // follow by adding, not dividing.
+  constexpr uint32_t kStride = kGnoThreads * V;
   const uint32_t e0 = p0 + threadIdx.x * V, step_c = kStride / HW, step_r = kStride % HW;
   uint32_t ch = e0 / HW, r = e0 % HW;
-  T* yp = y + ng * L + p0;
 #pragma unroll 4
-  for (uint32_t j = threadIdx.x; j < nvec; j += kThreads) {
-    const float2 ac = coef[ch];
-    const Pack<T, V> p = packs[j];
-    Pack<T, V> out;
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      float v = fmaf(pack_f32(p, e), ac.x, ac.y);
-      if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
-      out.v[e] = from_f32<T>(v);
-    }
-    store_pack_cs<T, V>(yp + static_cast<int64_t>(j) * V, out);
+  for (uint32_t j = threadIdx.x; j < nvec; j += kGnoThreads) {
+    store_pack_cs<T, V>(yp + static_cast<int64_t>(j) * V, normalize<T, V, kSilu>(packs[j], coef[ch]));
     ch += step_c;
     r += step_r;
     if (r >= HW) r -= HW, ++ch;
@@ -199,12 +232,12 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   cluster.barrier_wait();
 }
 
-// CTAs a group for a group of `group_bytes`: pieces of at most 64 KB (three CTAs an SM), 32 KB for groups over
-// 256 KB (clusters of up to 16). 0 where a group needs more than 16. Measured on the H100 (docs/kernel_notes.md,
-// session 11): at SDXL's 512 KB groups 16 x 32 KB beat 8 x 64 KB by ~5%, at 80-320 KB groups 64 KB pieces were
-// within noise of the best; pieces over ~75 KB leave only two CTAs an SM and lose 10-30%.
+// CTAs a group for a group of `group_bytes`: pieces of at most 76 KB (52 KB of shared memory, so four CTAs an SM,
+// and 24 KB of registers), so SDXL's largest GroupNorm input, [2, 512, 128, 128] (64 groups of 512 KB), is on chip
+// at once: 64 clusters of 7 CTAs. (With 8 CTAs a group, 64 KB pieces, an H100 held only 62 of the 64 clusters at
+// once and the last two ran alone after the rest: 37 us instead of ~28.) 0 where a group needs more than 16.
 inline int64_t group_ranks(int64_t group_bytes) {
-  const int64_t r = group_bytes > (256 << 10) ? ceil_div(group_bytes, 32 << 10) : ceil_div(group_bytes, 64 << 10);
+  const int64_t r = ceil_div(group_bytes, 76 << 10);
   return r > kMaxCluster ? 0 : r;
 }
 
@@ -213,7 +246,7 @@ inline int64_t group_ranks(int64_t group_bytes) {
 // a device also lets the kernel take the largest shared memory and clusters over 8.
 template <typename T, bool kSilu>
 bool cluster_fits(const cudaLaunchConfig_t& cfg) {
-  auto kernel = group_norm_cluster_kernel<T, kSilu, kGnoThreads>;
+  auto kernel = group_norm_cluster_kernel<T, kSilu>;
   struct Entry {
     int dev;
     unsigned ranks;
@@ -251,7 +284,8 @@ int launch_cluster(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t 
   if (ranks == 0) return kGroupNormSm90Declined;
   const int64_t piece = ceil_div(ceil_div(L, ranks), V) * V;
   if ((ranks - 1) * piece >= L) return kGroupNormSm90Declined;  // a rank would get nothing (tiny groups)
-  const GnoLayout lay(static_cast<uint32_t>(piece * sizeof(T)), kGnoThreads, Cg);
+  const int64_t in_regs = int64_t{kRegPacks} * kGnoThreads * V, held = piece > in_regs ? piece - in_regs : 0;
+  const GnoLayout lay(static_cast<uint32_t>(held * sizeof(T)), kGnoThreads, Cg);
 
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(ranks), static_cast<unsigned>(N * G));
@@ -269,8 +303,9 @@ int launch_cluster(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t 
     cudaGetLastError();  // a query's failure is not the caller's error
     return kGroupNormSm90Declined;
   }
-  return static_cast<int>(cudaLaunchKernelEx(&cfg, group_norm_cluster_kernel<T, kSilu, kGnoThreads>, x, w, b, y, static_cast<uint32_t>(L),
-                                             static_cast<uint32_t>(HW), Cg, G, static_cast<uint32_t>(piece), eps));
+  return static_cast<int>(cudaLaunchKernelEx(&cfg, group_norm_cluster_kernel<T, kSilu>, x, w, b, y,
+                                             static_cast<uint32_t>(L), static_cast<uint32_t>(HW), Cg, G,
+                                             static_cast<uint32_t>(piece), static_cast<uint32_t>(held), eps));
 }
 
 }  // namespace

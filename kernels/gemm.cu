@@ -115,6 +115,14 @@ constexpr Sm90Winner kSm90Winners[] = {
     // H100 80GB HBM3 (50 MiB L2), bench/gemm_sweep.py 2026-11-26 (session 10), where the H200 winner falls behind
     {27280, 14336, 3072, 16, -1, 50},  // Wan ff up: 3.636 vs 3.440 (config 14: 4.130-4.535 in three sweeps)
     {4608, 3072, 3072, 22, 21, 50},    // FLUX attention out: 0.122 vs 0.117 (config 14: 0.136); gated 0.131 vs 0.188
+    // H100, four full sweeps 2026-11-26 (session 11; medians, docs/benchmarks.md): rows whose H100 winner beats the
+    // untagged row's (or the rule's) configuration by more than 3% with a spread under the gap
+    {4608, 3072, 15360, 16, 5, 50},    // FLUX single-block out: 0.586 vs 0.573 (config 20: 0.651)
+    {27280, 3072, 14336, 2, -1, 50},   // Wan ff down: 3.380 vs 3.445 (config 16: 3.487)
+    {2048, 10240, 1280, 14, -1, 50},   // SDXL 32x32 ff up: 0.0844 vs 0.0764 (config 13: 0.0872)
+    {2048, 3840, 1280, 16, -1, 50},    // SDXL 32x32 qkv: 0.0364 vs 0.0321 (config 12: 0.0383)
+    {1976, 3840, 1280, 16, -1, 50},    // SDXL 832x1216 26x38 qkv: 0.0366 vs 0.0308 (rule's config 12: 0.0418)
+    {512, 9216, 3072, 17, -1, 50},     // FLUX double-stream text qkv: 0.0502 vs 0.0426 (config 11: 0.0524)
 };
 
 constexpr bool winners_valid() {

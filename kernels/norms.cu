@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "gemm.cuh"  // current_device_facts
+#include "group_norm.cuh"
 #include "vec.cuh"
 
 namespace fdm {
@@ -793,20 +794,12 @@ int launch_group_norm(const void* x, const void* w, const void* b, void* y, floa
   return launch_status();
 }
 
-// Which GroupNorm ran last / is forced (fdm_group_norm_set_path, fdm_group_norm_last_path; used by tests).
-enum GroupNormPath : int { kGnAuto = 0, kGnOnePass = 1, kGnTwoPass = 2 };
-int g_gn_force_path = kGnAuto;
-int g_gn_last_path = kGnAuto;
-
 }  // namespace
 
-#ifdef FASTDM_HAS_SM90
-// kernels/sm90/group_norm_sm90.cu: NCHW GroupNorm in one pass with a cluster holding each group. Returns 0 or a
-// cudaError_t once it launched, kGroupNormSm90Declined (nothing launched) where it cannot take the call.
-constexpr int kGroupNormSm90Declined = -1000;
-int group_norm_sm90(const void* x, const void* w, const void* b, void* y, int64_t N, int64_t C, int64_t HW, int G,
-                    float eps, bool silu_act, int dtype, cudaStream_t stream);
-#endif
+// Which GroupNorm kernels ran last / are forced, NCHW here and channels-last in group_norm_nhwc.cu
+// (fdm_group_norm_set_path, fdm_group_norm_last_path; used by tests and bench/fused.py).
+int g_gn_force_path = kGnAuto;
+int g_gn_last_path = kGnAuto;
 
 }  // namespace fdm
 
@@ -983,13 +976,15 @@ FDM_API int fdm_group_norm(const void* x, const void* w, const void* b, void* y,
   return 0;
 }
 
-// Test hook: 0 picks the GroupNorm kernel by device and call; 1 forces the one-pass sm90 kernel (a call it cannot
-// take then fails with an argument error), 2 the two-pass kernels.
+// Test hook, for fdm_group_norm and fdm_group_norm_nhwc: 0 picks the kernels by device and call; 1 forces the
+// one-pass sm90 kernel (a call it cannot take then fails with an argument error), 2 the two-pass (NCHW) or
+// three-kernel (channels-last) path.
 FDM_API int fdm_group_norm_set_path(int path) {
   if (path < kGnAuto || path > kGnTwoPass) return arg_error("unknown group_norm path %d", path);
   g_gn_force_path = path;
   return 0;
 }
 
-// The kernel (1 one-pass, 2 two-pass) that ran the last NCHW group_norm call on any thread; a query, not a status.
+// The path (1 one-pass, 2 two-pass / three-kernel) the last group_norm call of either layout ran, on any thread; a
+// query, not a status.
 FDM_API int fdm_group_norm_last_path() { return g_gn_last_path; }

@@ -1,9 +1,13 @@
-"""The one-pass Hopper GroupNorm (kernels/sm90/group_norm_sm90.cu) against ops.cpu's group_norm.
+"""The one-pass Hopper GroupNorm kernels (kernels/sm90/group_norm_sm90.cu), NCHW and channels-last, against ops.cpu's
+group_norm.
 
-fdm_group_norm_set_path forces the one-pass kernel and fdm_group_norm_last_path confirms it ran. Shapes cover one CTA
-a group, 2-4 CTAs, the 16-CTA non-portable cluster (512 KB groups), pieces that end inside a channel with a shorter
-last piece, and channel counts per group from 1 to 35. x has a large mean (the merged statistics must not cancel).
-Before each op the allocator's free memory is filled with NaN bytes, so anything left unwritten comes back NaN.
+fdm_group_norm_set_path forces the one-pass kernels and fdm_group_norm_last_path confirms they ran. NCHW shapes cover
+one CTA a group, 2-7 CTAs (a register-held tail beside the shared memory piece), a 14-CTA non-portable cluster,
+pieces that end inside a channel with a shorter last piece, and channel counts per group from 1 to 35. Channels-last
+shapes cover rows of a group (64 bytes and up; narrower ones go to the three-kernel path) moved as 4-, 8- and
+16-byte units, 1 to 15 CTAs a group and a shorter last piece. x has a large mean (the merged statistics must not
+cancel). Before each op the allocator's free memory is filled with NaN bytes, so anything left unwritten comes back
+NaN.
 """
 
 import zlib
@@ -30,7 +34,17 @@ SHAPES = [
     ((2, 320, 64, 64), 32),     # SDXL: 80 / 160 KB groups, 2 / 3 CTAs
     ((1, 512, 64, 64), 32),     # 128 / 256 KB groups, 2 / 4 CTAs
     ((1, 70, 1928), 2),         # Cg 35, 3 / 5 CTAs: pieces end inside a channel, the last one shorter
-    ((1, 32, 128, 128), 4),     # 256 / 512 KB groups: 4 CTAs / 16 (a non-portable cluster)
+    ((1, 32, 128, 128), 4),     # 256 / 512 KB groups: 4 / 7 CTAs
+    ((1, 32, 128, 128), 2),     # 512 KB / 1 MB groups: 7 / 14 CTAs (a non-portable cluster)
+]
+# channels-last (shape [N, *spatial, C], groups); row of a group: Cg x 2 (or 4) bytes
+SHAPES_NHWC = [
+    ((2, 16, 16, 1280), 32),    # Cg 40: 80-byte rows (16-byte units), 160 in float32
+    ((2, 8, 8, 2176), 32),      # Cg 68: 136 bytes (8-byte units), 272 in float32
+    ((1, 8, 9, 1088), 32),      # Cg 34: 68 bytes (4-byte units), pieces of 4 rows; 136 (8-byte units) in float32
+    ((1, 64, 64, 1024), 32),    # Cg 32: 64-byte rows, 256 / 512 KB groups: 4 / 8 CTAs
+    ((1, 3, 37, 192), 4),       # Cg 48, S = 111 rows
+    ((1, 24, 32, 1280), 4),     # Cg 320: 480 / 960 KB groups, 8 / 15 CTAs (non-portable; the last one shorter)
 ]
 
 
@@ -59,10 +73,10 @@ def sm90():
     set_path(AUTO)
 
 
-def run(x, w, b, groups, activation, path):
+def run(x, w, b, groups, activation, path, channels_last=False):
     set_path(path)
     out = poisoned(oc().group_norm, gpu(x), None if w is None else gpu(w), None if b is None else gpu(b),
-                   num_groups=groups, eps=1e-5, activation=activation)
+                   num_groups=groups, eps=1e-5, activation=activation, channels_last=channels_last)
     return out, last_path()
 
 
@@ -80,6 +94,32 @@ def test_one_pass(rng, dtype, shape, groups, affine, activation):
     ref = cpu.group_norm(x, w, b, num_groups=groups, eps=1e-5, activation=activation)
     err = rel_l2(out.numpy().astype(np.float32), ref)
     assert err < TOL[dtype], f"rel_l2 {err:.3g} >= {TOL[dtype]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", SHAPES_NHWC, ids=ids(SHAPES_NHWC))
+@pytest.mark.parametrize("affine,activation", [(True, "silu"), (False, None)], ids=["affine_silu", "plain"])
+def test_one_pass_channels_last(rng, dtype, shape, groups, affine, activation):
+    x = rand(rng, dtype, *shape, scale=3.0, shift=5.0)
+    c = shape[-1]
+    w = rand(rng, dtype, c, shift=1.0) if affine else None
+    b = rand(rng, dtype, c) if affine else None
+    out, path = run(x, w, b, groups, activation, ONE_PASS, channels_last=True)
+    assert path == ONE_PASS
+    ref = cpu.group_norm(x, w, b, num_groups=groups, eps=1e-5, activation=activation, channels_last=True)
+    got = out.numpy().astype(np.float32)
+    assert np.isfinite(got).all()
+    err = rel_l2(got, ref)
+    assert err < TOL[dtype], f"rel_l2 {err:.3g} >= {TOL[dtype]}"
+
+
+def test_channels_last_paths_agree(rng):
+    x = rand(rng, "float32", 2, 32, 32, 640, scale=2.0, shift=-3.0)
+    w, b = rand(rng, "float32", 640, shift=1.0), rand(rng, "float32", 640)
+    one, _ = run(x, w, b, 32, "silu", ONE_PASS, channels_last=True)
+    three, path = run(x, w, b, 32, "silu", TWO_PASS, channels_last=True)
+    assert path == TWO_PASS
+    assert rel_l2(one.numpy(), three.numpy()) < 1e-6
 
 
 def test_paths_agree_and_repeat(rng):
@@ -107,8 +147,26 @@ def test_auto_takes_one_pass_where_it_fits(rng):
         assert rel_l2(out.numpy().astype(np.float32), ref) < TOL["bfloat16"]
 
 
+def test_channels_last_auto_falls_back(rng):
+    """The one-pass kernel takes SDXL's 1280-channel shapes; 6- and 40-byte group rows (under 64 bytes), S = 25 rows
+    of 68 bytes (no split into whole 16-byte packs), a 2 MB group and 64 groups of 480 KB (more clusters than fit
+    the GPU at once) go to the three-kernel path, correctly."""
+    _, path = run(rand(rng, "bfloat16", 2, 32, 32, 1280), None, None, 32, "silu", AUTO, channels_last=True)
+    assert path == ONE_PASS
+    for shape, groups in (((1, 8, 8, 12), 4), ((2, 32, 32, 640), 32), ((1, 5, 5, 1088), 32),
+                          ((1, 256, 256, 64), 2), ((2, 64, 64, 1920), 32)):
+        x = rand(rng, "bfloat16", *shape, shift=2.0)
+        out, path = run(x, None, None, groups, None, AUTO, channels_last=True)
+        assert path == TWO_PASS, shape
+        ref = cpu.group_norm(x, None, None, num_groups=groups, eps=1e-5, channels_last=True)
+        assert rel_l2(out.numpy().astype(np.float32), ref) < TOL["bfloat16"]
+
+
 def test_forced_one_pass_says_why_it_cannot(rng):
     x = gpu(rand(rng, "bfloat16", 1, 64, 128, 128))  # one 2 MB group: more than 16 CTAs of shared memory
     set_path(ONE_PASS)
     with pytest.raises(CudaError, match="one-pass path was forced"):
         oc().group_norm(x, num_groups=1)
+    x = gpu(rand(rng, "bfloat16", 1, 8, 8, 12))  # 6-byte rows: no 4-byte unit
+    with pytest.raises(CudaError, match="one-pass path was forced"):
+        oc().group_norm(x, num_groups=4, channels_last=True)

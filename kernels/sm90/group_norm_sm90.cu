@@ -1,5 +1,5 @@
-// GroupNorm (+ SiLU) over NCHW x in one pass on Hopper (sm_90a only; called from kernels/norms.cu, which owns the
-// C ABI and runs its two-pass kernels where this one declines).
+// GroupNorm (+ SiLU) in one pass on Hopper (sm_90a only): NCHW, called from kernels/norms.cu, and channels-last,
+// called from kernels/group_norm_nhwc.cu; those own the C ABI and run their multi-pass kernels where these decline.
 //
 // The two-pass form (norms.cu) reads x twice, statistics then normalize. Here a thread block cluster holds one whole
 // group on chip: each CTA pulls its piece of the group (a contiguous run of x) into shared memory with bulk TMA
@@ -14,20 +14,23 @@
 // ~33 MB of reads all come before the writes, and a cluster waits for its slowest CTA's copies (load completion
 // spreads over ~8 us). At [2, 512, 128, 128] bf16 it runs ~35 us on the H100 against a 25.5 us copy of the same
 // bytes and ~39 us for the two-pass kernels; docs/kernel_notes.md, session 11, has the traces and the variants tried.
+//
+// Channels-last: a group is a Cg-channel column of every pixel row, so each CTA copies rows in with 4-16 byte
+// cp.async units instead of bulk copies, and writes them back the same way. It pays only where those rows are wide
+// and every cluster fits at once (SDXL's 1280- and 2560-channel 32x32 tensors: 1.4-1.5x the three-kernel path);
+// narrower rows read a 20-40 byte column out of every 0.6-1 KB pixel row and lose (launch_nhwc_any_unit).
 #include <cooperative_groups.h>
 
 #include <mutex>
 #include <vector>
 
 #include "common.cuh"
+#include "group_norm.cuh"
 #include "vec.cuh"
 
 namespace cg = cooperative_groups;
 
 namespace fdm {
-
-// Must equal kGroupNormSm90Declined in norms.cu, which declares group_norm_sm90.
-constexpr int kGroupNormSm90Declined = -1000;
 
 namespace {
 
@@ -120,6 +123,39 @@ __device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V>& p, float2 ac) 
   return out;
 }
 
+// The group's statistics from each thread's moments of its values: merged over the CTA (per-warp results in
+// warp_m), then over the cluster through distributed shared memory (each CTA's result in cta_m), and each of the
+// group's Cg channels' (scale, shift) written to coef, channel ch0 + c at coef[c]. Every thread of every CTA calls;
+// on return coef is complete and this CTA has arrived at the cluster barrier its exit must wait on.
+template <typename T>
+__device__ __forceinline__ void group_coefficients(Moments acc, Moments* warp_m, Moments* cta_m, float2* coef,
+                                                   const T* w, const T* b, int ch0, int Cg, float count, float eps) {
+  cg::cluster_group cluster = cg::this_cluster();
+  acc = group_merge(acc, 32);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) warp_m[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    Moments m = lane < kGnoThreads / 32 ? warp_m[lane] : Moments{0.f, 0.f, 0.f};
+    m = group_merge(m, 32);
+    if (lane == 0) *cta_m = m;
+  }
+  cluster.sync();  // every CTA's moments are written (release / acquire across the cluster)
+  if (warp == 0) {
+    // Every CTA merges the same values in the same lane order, so all of them get the same bits.
+    Moments m{0.f, 0.f, 0.f};
+    if (lane < static_cast<int>(cluster.num_blocks())) m = *cluster.map_shared_rank(cta_m, lane);
+    m = group_merge(m, 32);
+    const float rstd = rsqrtf(m.m2 / count + eps);
+    for (int c = lane; c < Cg; c += 32) {
+      const float a = rstd * (w ? to_f32(w[ch0 + c]) : 1.f);
+      coef[c] = make_float2(a, (b ? to_f32(b[ch0 + c]) : 0.f) - m.mean * a);
+    }
+  }
+  cluster.barrier_arrive();  // done reading the other CTAs' shared memory: they may exit once all have arrived
+  __syncthreads();           // coef is written
+}
+
 // grid (ranks, N * G), cluster (ranks, 1, 1): CTA r of group n*G + g's cluster holds elements
 // [r * piece, min(L, (r+1) * piece)) of it (piece a multiple of V; L: the group's elements), the first `held` of
 // them in shared memory and the rest (at most kRegPacks packs a thread) in registers, so four CTAs fit an SM and the
@@ -134,9 +170,8 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   constexpr int kPacksPerThread = kStagePacks / kGnoThreads;
   extern __shared__ __align__(128) unsigned char smem[];
   cg::cluster_group cluster = cg::this_cluster();
-  const unsigned rank = cluster.block_rank(), ranks = cluster.num_blocks();
   const int64_t ng = blockIdx.y;
-  const uint32_t p0 = rank * piece, n = L - p0 < piece ? L - p0 : piece;
+  const uint32_t p0 = cluster.block_rank() * piece, n = L - p0 < piece ? L - p0 : piece;
   const uint32_t n_smem = n < held ? n : held, nvec = n_smem / V, nvec_regs = (n - n_smem) / V;
   const uint32_t bytes = n_smem * sizeof(T);
   const GnoLayout lay(held * sizeof(T), kGnoThreads, Cg);
@@ -181,30 +216,7 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   }
   load_regs();
   packs_moments<T, V, kRegPacks, kGnoThreads>(regs, threadIdx.x, nvec_regs, acc);
-  acc = group_merge(acc, 32);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) warp_m[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    Moments m = lane < kGnoThreads / 32 ? warp_m[lane] : Moments{0.f, 0.f, 0.f};
-    m = group_merge(m, 32);
-    if (lane == 0) *cta_m = m;
-  }
-  cluster.sync();  // every CTA's moments are written (release / acquire across the cluster)
-  if (warp == 0) {
-    // Every CTA merges the same values in the same lane order, so all of them get the same bits.
-    Moments m{0.f, 0.f, 0.f};
-    if (lane < static_cast<int>(ranks)) m = *cluster.map_shared_rank(cta_m, lane);
-    m = group_merge(m, 32);
-    const float rstd = rsqrtf(m.m2 / static_cast<float>(L) + eps);
-    const int ch0 = static_cast<int>(ng % G) * Cg;
-    for (int c = lane; c < Cg; c += 32) {
-      const float a = rstd * (w ? to_f32(w[ch0 + c]) : 1.f);
-      coef[c] = make_float2(a, (b ? to_f32(b[ch0 + c]) : 0.f) - m.mean * a);
-    }
-  }
-  cluster.barrier_arrive();  // done reading the other CTAs' shared memory: they may exit once all have arrived
-  __syncthreads();           // coef is written
+  group_coefficients(acc, warp_m, cta_m, coef, w, b, static_cast<int>(ng % G) * Cg, Cg, static_cast<float>(L), eps);
 
   // The register part first (its stores go out while the shared memory part is read). V divides HW, so a pack
   // never straddles two channels.
@@ -232,6 +244,131 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   cluster.barrier_wait();
 }
 
+// U bytes global -> shared by this thread (U = 16: L2 only; 4 or 8: the only sizes cp.async has besides 16).
+template <int U>
+__device__ __forceinline__ void copy_unit(void* dst, const void* src) {
+  if constexpr (U == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem_addr(dst)), "l"(src), "n"(U) : "memory");
+}
+// An arrival on bar once all of this thread's cp.async copies so far have landed.
+__device__ __forceinline__ void copies_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// (row, column) of this thread's k-th unit j = threadIdx.x + k * kGnoThreads of a piece of `per_row`-unit rows,
+// stepped without dividing.
+struct UnitWalk {
+  uint32_t row, col, step_rows, step_cols, per_row;
+  __device__ UnitWalk(uint32_t per_row_units) : per_row(per_row_units) {
+    row = threadIdx.x / per_row;
+    col = threadIdx.x % per_row;
+    step_rows = kGnoThreads / per_row;
+    step_cols = kGnoThreads % per_row;
+  }
+  __device__ void next() {
+    row += step_rows;
+    col += step_cols;
+    if (col >= per_row) col -= per_row, ++row;
+  }
+};
+
+// Channels-last x [N, S, C]: group n*G + g is the Cg-channel column [g*Cg, (g+1)*Cg) of sample n's S rows (pixels).
+// grid (ranks, N * G), cluster (ranks, 1, 1): CTA r holds rows [r * rows, min(S, (r+1) * rows)) of the column,
+// packed (Cg elements a row) in shared memory, copied in as U-byte units by every thread (the row stride is C, so
+// no bulk copy), with a stage barrier each 16 KB. The statistics run over the packed piece as 16-byte packs, as the
+// NCHW kernel's; the piece is normalized in place and leaves as U-byte units.
+template <typename T, bool kSilu, int U>
+__global__ void __launch_bounds__(kGnoThreads, 3)
+group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                               T* __restrict__ y, uint32_t S, uint32_t C, int Cg, int G, uint32_t rows, float eps) {
+  using Unit = std::conditional_t<U == 16, uint4, std::conditional_t<U == 8, uint2, uint32_t>>;
+  constexpr int V = vec16<T>();
+  constexpr int kStagePacks = kStageBytes / 16, kPacksPerThread = kStagePacks / kGnoThreads;
+  constexpr int kUnitsPerThread = kStageBytes / U / kGnoThreads;  // a stage's units, per thread
+  extern __shared__ __align__(128) unsigned char smem[];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int64_t ng = blockIdx.y;
+  const int g = static_cast<int>(ng % G);
+  const uint32_t r0 = cluster.block_rank() * rows, nrows = S - r0 < rows ? S - r0 : rows;
+  const uint32_t row_units = Cg * sizeof(T) / U, units = nrows * row_units;
+  const uint32_t nvec = nrows * Cg / V, bytes = nrows * Cg * sizeof(T);
+  const GnoLayout lay(rows * Cg * sizeof(T), kGnoThreads, Cg);
+  const int stages = static_cast<int>((bytes + kStageBytes - 1) / kStageBytes);
+  auto* bars = reinterpret_cast<uint64_t*>(smem + lay.bars);
+  auto* warp_m = reinterpret_cast<Moments*>(smem + lay.warp_moments);
+  auto* cta_m = reinterpret_cast<Moments*>(smem + lay.cta_moments);
+  auto* coef = reinterpret_cast<float2*>(smem + lay.coef);
+  auto* packs = reinterpret_cast<Pack<T, V>*>(smem);
+  auto* unit_buf = reinterpret_cast<Unit*>(smem);
+  const int64_t row_stride = C;  // elements
+  const T* xg = x + (ng / G * S + r0) * row_stride + int64_t{g} * Cg;  // row 0 of this piece's column
+  T* yg = y + (ng / G * S + r0) * row_stride + int64_t{g} * Cg;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) mbar_init(&bars[s], kGnoThreads);
+    fence_barrier_init();
+  }
+  __syncthreads();  // the barriers are initialized before anyone arrives on them
+  {
+    UnitWalk at(row_units);
+    for (int s = 0; s < stages; ++s) {
+#pragma unroll
+      for (int k = 0; k < kUnitsPerThread; ++k) {
+        const uint32_t j = s * (kStageBytes / U) + k * kGnoThreads + threadIdx.x;
+        if (j < units) copy_unit<U>(unit_buf + j, xg + at.row * row_stride + at.col * (U / sizeof(T)));
+        at.next();
+      }
+      copies_arrive(&bars[s]);
+    }
+  }
+
+  Moments acc{0.f, 0.f, 0.f};
+  for (int s = 0; s < stages; ++s) {
+    mbar_wait(&bars[s], 0);
+    Pack<T, V> p[kPacksPerThread];
+    const uint32_t j0 = s * kStagePacks + threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < kPacksPerThread; ++k)
+      if (j0 + k * kGnoThreads < nvec) p[k] = packs[j0 + k * kGnoThreads];
+    packs_moments<T, V, kPacksPerThread, kGnoThreads>(p, j0, nvec, acc);
+  }
+  group_coefficients(acc, warp_m, cta_m, coef, w, b, g * Cg, Cg, static_cast<float>(S) * static_cast<float>(Cg),
+                     eps);
+
+  // Normalize in place: element i of the packed piece is channel i % Cg; this thread's packs step by kStride.
+  constexpr uint32_t kStride = kGnoThreads * V;
+  const uint32_t step_c = kStride % Cg;
+  uint32_t c0 = threadIdx.x * V % Cg;
+  for (uint32_t j = threadIdx.x; j < nvec; j += kGnoThreads) {
+    const Pack<T, V> p = packs[j];
+    Pack<T, V> out;
+    uint32_t c = c0;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float2 ac = coef[c];
+      float v = fmaf(pack_f32(p, e), ac.x, ac.y);
+      if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
+      out.v[e] = from_f32<T>(v);
+      if (++c == static_cast<uint32_t>(Cg)) c = 0;
+    }
+    packs[j] = out;
+    c0 += step_c;
+    if (c0 >= static_cast<uint32_t>(Cg)) c0 -= Cg;
+  }
+  __syncthreads();
+  UnitWalk at(row_units);
+  for (uint32_t j = threadIdx.x; j < units; j += kGnoThreads, at.next()) {
+    Unit* dst = reinterpret_cast<Unit*>(yg + at.row * row_stride + at.col * (U / sizeof(T)));
+    if constexpr (U == 16)
+      __stcs(dst, unit_buf[j]);
+    else
+      *dst = unit_buf[j];
+  }
+  cluster.barrier_wait();
+}
+
 // CTAs a group for a group of `group_bytes`: pieces of at most 76 KB (52 KB of shared memory, so four CTAs an SM,
 // and 24 KB of registers), so SDXL's largest GroupNorm input, [2, 512, 128, 128] (64 groups of 512 KB), is on chip
 // at once: 64 clusters of 7 CTAs. (With 8 CTAs a group, 64 KB pieces, an H100 held only 62 of the 64 clusters at
@@ -241,39 +378,62 @@ inline int64_t group_ranks(int64_t group_bytes) {
   return r > kMaxCluster ? 0 : r;
 }
 
-// Whether the device can run `cfg` (a cluster shape and shared memory size) of the kernel at all, asked once per
-// (device, cluster size, shared memory) and kept: the occupancy query is host work on a hot path. The first time on
-// a device also lets the kernel take the largest shared memory and clusters over 8.
-template <typename T, bool kSilu>
-bool cluster_fits(const cudaLaunchConfig_t& cfg) {
-  auto kernel = group_norm_cluster_kernel<T, kSilu>;
+// How many clusters of `cfg` (a cluster shape and shared memory size) the device holds at once (0: it cannot run
+// one), asked once per (device, cluster size, shared memory) and kept: the occupancy query is host work on a hot
+// path. The first time on a device also lets the kernel take the largest shared memory and clusters over 8.
+template <auto kKernel>
+int resident_clusters(const cudaLaunchConfig_t& cfg) {
   struct Entry {
     int dev;
     unsigned ranks;
     size_t smem;
-    bool fits;
+    int clusters;
   };
   static std::mutex mutex;
   static std::vector<Entry> known;
   static uint64_t prepared = 0;  // devices (bit per ordinal) where the attributes are set
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return false;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return 0;
   const unsigned ranks = cfg.attrs[0].val.clusterDim.x;
   std::lock_guard<std::mutex> lock(mutex);
   for (const Entry& e : known)
-    if (e.dev == dev && e.ranks == ranks && e.smem == cfg.dynamicSmemBytes) return e.fits;
+    if (e.dev == dev && e.ranks == ranks && e.smem == cfg.dynamicSmemBytes) return e.clusters;
   if (!(prepared >> dev & 1)) {
     int optin = 0;
     if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin) != cudaSuccess ||
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
-      return false;
+        cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin) != cudaSuccess ||
+        cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      return 0;
     prepared |= uint64_t{1} << dev;
   }
   int clusters = 0;
-  const bool fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
-  if (known.size() < 256) known.push_back({dev, ranks, cfg.dynamicSmemBytes, fits});
-  return fits;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kKernel, &cfg) != cudaSuccess) clusters = 0;
+  if (known.size() < 256) known.push_back({dev, ranks, cfg.dynamicSmemBytes, clusters});
+  return clusters;
+}
+
+// Launches kKernel on grid (ranks, groups) in clusters of `ranks` CTAs with `smem` bytes of dynamic shared memory;
+// declines (nothing launched) where the device cannot hold such a cluster, or, with one_wave, all of them at once.
+template <auto kKernel, typename... Args>
+int launch_clusters(int64_t ranks, int64_t groups, uint32_t smem, bool one_wave, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(ranks), static_cast<unsigned>(groups));
+  cfg.blockDim = dim3(kGnoThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(ranks);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const int resident = resident_clusters<kKernel>(cfg);
+  if (resident < 1 || (one_wave && groups > resident)) {
+    cudaGetLastError();  // a query's failure is not the caller's error
+    return kGroupNormSm90Declined;
+  }
+  return static_cast<int>(cudaLaunchKernelEx(&cfg, kKernel, args...));
 }
 
 template <typename T, bool kSilu>
@@ -286,26 +446,49 @@ int launch_cluster(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t 
   if ((ranks - 1) * piece >= L) return kGroupNormSm90Declined;  // a rank would get nothing (tiny groups)
   const int64_t in_regs = int64_t{kRegPacks} * kGnoThreads * V, held = piece > in_regs ? piece - in_regs : 0;
   const GnoLayout lay(static_cast<uint32_t>(held * sizeof(T)), kGnoThreads, Cg);
+  return launch_clusters<group_norm_cluster_kernel<T, kSilu>>(
+      ranks, N * G, lay.bytes, false, stream, x, w, b, y, static_cast<uint32_t>(L), static_cast<uint32_t>(HW), Cg, G,
+      static_cast<uint32_t>(piece), static_cast<uint32_t>(held), eps);
+}
 
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(ranks), static_cast<unsigned>(N * G));
-  cfg.blockDim = dim3(kGnoThreads);
-  cfg.dynamicSmemBytes = lay.bytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(ranks);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  if (!cluster_fits<T, kSilu>(cfg)) {
-    cudaGetLastError();  // a query's failure is not the caller's error
-    return kGroupNormSm90Declined;
-  }
-  return static_cast<int>(cudaLaunchKernelEx(&cfg, group_norm_cluster_kernel<T, kSilu>, x, w, b, y,
-                                             static_cast<uint32_t>(L), static_cast<uint32_t>(HW), Cg, G,
-                                             static_cast<uint32_t>(piece), static_cast<uint32_t>(held), eps));
+// Channels-last: rows of a piece a CTA, at most 64 KB of them (three CTAs an SM; no register part), every piece a
+// whole number of 16-byte packs; the unit the rows move in is the widest of 16, 8 and 4 bytes dividing a row. Only
+// where every cluster is resident at once: [2, 64, 64, 1920] (64 groups of 480 KB, two waves) ran 0.74x of the
+// three-kernel path on the H100, while one-wave shapes ran 1.40-1.54x.
+template <typename T, bool kSilu, int U>
+int launch_cluster_nhwc(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t S, int64_t C, int G, float eps,
+                        cudaStream_t stream) {
+  const int64_t Cg = C / G, row_bytes = Cg * static_cast<int64_t>(sizeof(T));
+  int64_t align = 1;  // rows a piece is a multiple of, so that it is whole 16-byte packs
+  while (align * row_bytes % 16) align *= 2;
+  const int64_t ranks = ceil_div(S * row_bytes, 64 << 10);
+  if (S % align || ranks > kMaxCluster) return kGroupNormSm90Declined;
+  const int64_t rows = ceil_div(ceil_div(S, ranks), align) * align;
+  if ((ranks - 1) * rows >= S) return kGroupNormSm90Declined;  // a rank would get nothing (tiny groups)
+  const GnoLayout lay(static_cast<uint32_t>(rows * row_bytes), kGnoThreads, static_cast<int>(Cg));
+  return launch_clusters<group_norm_cluster_nhwc_kernel<T, kSilu, U>>(
+      ranks, N * G, lay.bytes, true, stream, x, w, b, y, static_cast<uint32_t>(S), static_cast<uint32_t>(C),
+      static_cast<int>(Cg), G, static_cast<uint32_t>(rows), eps);
+}
+
+// The widest unit (16, 8 or 4 bytes) that divides a group's row of Cg channels. Rows under kMinNhwcRowBytes
+// decline: each CTA then reads a narrow column of every 1-2 KB pixel row, and on the H100 that ran 0.91x (32-byte
+// rows, C = 512), 0.92x (40 bytes, C = 640) and 0.44x (20 bytes in 4-byte units, C = 320) of the three-kernel
+// path; at 80 bytes (C = 1280) it ran 1.54x.
+constexpr int64_t kMinNhwcRowBytes = 64;
+template <typename T, bool kSilu>
+int launch_nhwc_any_unit(const void* x, const void* w, const void* b, void* y, int64_t N, int64_t S, int64_t C, int G,
+                         float eps, cudaStream_t stream) {
+  const int64_t row_bytes = C / G * static_cast<int64_t>(sizeof(T));
+  if (row_bytes < kMinNhwcRowBytes) return kGroupNormSm90Declined;
+  const T* xt = static_cast<const T*>(x);
+  const T* wt = static_cast<const T*>(w);
+  const T* bt = static_cast<const T*>(b);
+  T* yt = static_cast<T*>(y);
+  if (row_bytes % 16 == 0) return launch_cluster_nhwc<T, kSilu, 16>(xt, wt, bt, yt, N, S, C, G, eps, stream);
+  if (row_bytes % 8 == 0) return launch_cluster_nhwc<T, kSilu, 8>(xt, wt, bt, yt, N, S, C, G, eps, stream);
+  if (row_bytes % 4 == 0) return launch_cluster_nhwc<T, kSilu, 4>(xt, wt, bt, yt, N, S, C, G, eps, stream);
+  return kGroupNormSm90Declined;
 }
 
 }  // namespace
@@ -326,6 +509,24 @@ int group_norm_sm90(const void* x, const void* w, const void* b, void* y, int64_
     T* yt = static_cast<T*>(y);
     return silu_act ? launch_cluster<T, true>(xt, wt, bt, yt, N, HW, static_cast<int>(Cg), G, eps, stream)
                     : launch_cluster<T, false>(xt, wt, bt, yt, N, HW, static_cast<int>(Cg), G, eps, stream);
+  });
+  return kGroupNormSm90Declined;
+}
+
+// GroupNorm (+ SiLU) of channels-last x [N, S, C] (contiguous) in one pass, as fdm_group_norm_nhwc defines it.
+// Declines (kGroupNormSm90Declined, nothing launched) where a group's column does not fit a cluster's shared memory,
+// where a group's row is under 64 bytes or not a whole number of 4-byte units, where the clusters do not all fit
+// the device at once, where S does not split into pieces of whole 16-byte
+// packs, where a pointer is not 16-byte aligned, or where the device cannot schedule the cluster.
+int group_norm_nhwc_sm90(const void* x, const void* w, const void* b, void* y, int64_t N, int64_t S, int64_t C, int G,
+                         float eps, bool silu_act, int dtype, cudaStream_t stream) {
+  if (!aligned16(x) || !aligned16(y) || N * G > 65535 || N * S * C > (int64_t{1} << 40) || S > INT32_MAX ||
+      C > INT32_MAX)
+    return kGroupNormSm90Declined;
+  FDM_DISPATCH_FLOAT(dtype, {
+    using T = scalar_t;
+    return silu_act ? launch_nhwc_any_unit<T, true>(x, w, b, y, N, S, C, G, eps, stream)
+                    : launch_nhwc_any_unit<T, false>(x, w, b, y, N, S, C, G, eps, stream);
   });
   return kGroupNormSm90Declined;
 }

@@ -289,12 +289,11 @@ int launch_gn_nhwc(const void* x, const void* w, const void* bias, void* y, floa
   }
   // Chunks: one full wave of resident statistics blocks over the batch (every block the same size, so all SMs
   // finish together and there is a single reduction epilogue per block slot), at most the caller's `chunks`.
-  int occ = 0, sms = 0;
-  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, gn_nhwc_stats_kernel<T, V>, sh.threads,
-                                                                    smem))
-    return static_cast<int>(e);
-  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) return static_cast<int>(e);
-  const int64_t wave = int64_t{occ > 1 ? occ : 1} * sms / N;
+  int occ = 0;
+  if (cudaError_t e = resident_blocks<gn_nhwc_stats_kernel<T, V>>(sh.threads, smem, &occ)) return static_cast<int>(e);
+  DeviceFacts facts;
+  if (const int e = current_device_facts(&facts)) return e;
+  const int64_t wave = int64_t{occ > 1 ? occ : 1} * facts.sm_count / N;
   const int64_t want = wave < 1 ? 1 : (wave < chunks ? wave : chunks);
   const int64_t rpc = ceil_div(S, want);
   const int eff = static_cast<int>(ceil_div(S, rpc));  // chunks launched, all non-empty, <= want <= chunks

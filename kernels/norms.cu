@@ -759,14 +759,13 @@ int launch_group_norm(const void* x, const void* w, const void* b, void* y, floa
                       int64_t HW, int G, int chunks, float eps, bool silu_act, cudaStream_t s) {
   const int64_t Cg = C / G, L = Cg * HW;
   const bool small = L <= INT32_MAX;
-  int dev = 0, sms = 0, occ = 0;
-  if (cudaError_t e = cudaGetDevice(&dev)) return static_cast<int>(e);
-  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) return static_cast<int>(e);
-  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &occ, small ? group_norm_stats_kernel<T, V, uint32_t> : group_norm_stats_kernel<T, V, int64_t>,
-          kGnThreads, 0))
+  DeviceFacts dev;
+  if (const int e = current_device_facts(&dev)) return e;
+  int occ = 0;
+  if (cudaError_t e = small ? resident_blocks<group_norm_stats_kernel<T, V, uint32_t>>(kGnThreads, 0, &occ)
+                            : resident_blocks<group_norm_stats_kernel<T, V, int64_t>>(kGnThreads, 0, &occ))
     return static_cast<int>(e);
-  const int64_t per_group = int64_t{occ > 1 ? occ : 1} * sms / (N * G);
+  const int64_t per_group = int64_t{occ > 1 ? occ : 1} * dev.sm_count / (N * G);
   const int64_t want = per_group < 1 ? 1 : (per_group < chunks ? per_group : chunks);
   const int64_t chunk = ceil_div(ceil_div(L, want), 8) * 8;
   const int eff = static_cast<int>(ceil_div(L, chunk));  // pieces launched, none empty, <= want <= chunks

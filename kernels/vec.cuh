@@ -2,7 +2,9 @@
 // loads/stores, warp and block reductions, activation functions, grid sizing.
 #pragma once
 #include <cstring>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "common.cuh"
 
@@ -186,6 +188,32 @@ inline unsigned grid_blocks(int64_t n, int threads) {
   int64_t b = ceil_div(n, threads);
   if (b > (int64_t{1} << 20)) b = int64_t{1} << 20;
   return static_cast<unsigned>(b < 1 ? 1 : b);
+}
+
+// Blocks of kKernel resident per SM at (threads, smem) on the current device: cudaOccupancyMaxActiveBlocksPerMultiprocessor
+// asked once per (device, threads, smem) and kept, since the launchers that size their grid by it run on every call.
+template <auto kKernel>
+cudaError_t resident_blocks(int threads, size_t smem, int* blocks) {
+  struct Entry {
+    int dev, threads;
+    size_t smem;
+    int blocks;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> known;
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev)) return e;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const Entry& e : known)
+    if (e.dev == dev && e.threads == threads && e.smem == smem) {
+      *blocks = e.blocks;
+      return cudaSuccess;
+    }
+  int n = 0;
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, threads, smem)) return e;
+  if (known.size() < 256) known.push_back({dev, threads, smem, n});
+  *blocks = n;
+  return cudaSuccess;
 }
 
 // Threads for one block that walks a row of `nvec` vectors: at most 256, as few loop trips as possible,

@@ -643,27 +643,7 @@ __device__ __forceinline__ void gn_tile_moments(const Pack<T, V> (&p)[kGnPacks],
     acc = merge(acc, Moments{kCount, mean, q[0] + q[1]});
     return;
   }
-  float s = 0.f, cnt = 0.f;
-#pragma unroll
-  for (int k = 0; k < kGnPacks; ++k)
-    if (t0 + threadIdx.x + k * kGnThreads < nvec) {
-      cnt += V;
-#pragma unroll
-      for (int e = 0; e < V; ++e) s += pack_f32(p[k], e);
-    }
-  if (cnt == 0.f) return;
-  const float mean = __fdividef(s, cnt);
-  float m2 = 0.f;
-#pragma unroll
-  for (int k = 0; k < kGnPacks; ++k)
-    if (t0 + threadIdx.x + k * kGnThreads < nvec) {
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const float c = pack_f32(p[k], e) - mean;
-        m2 = fmaf(c, c, m2);
-      }
-    }
-  acc = merge(acc, Moments{cnt, mean, m2});
+  packs_moments<T, V, kGnPacks, kGnThreads, I>(p, t0 + static_cast<I>(threadIdx.x), nvec, acc);
 }
 
 template <typename T, int V, typename I>

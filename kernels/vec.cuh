@@ -111,6 +111,33 @@ __device__ __forceinline__ Moments group_merge(Moments m, int width) {
           __shfl_sync(0xffffffffu, m.m2, 0, width)};
 }
 
+// Exact moments of this thread's packs p[k] (pack index j0 + k * kStride; those at or past nvec are skipped), merged
+// into acc: the packs' mean first, then their squared deviations from it. I: the index type.
+template <typename T, int V, int K, int kStride, typename I>
+__device__ __forceinline__ void packs_moments(const Pack<T, V> (&p)[K], I j0, I nvec, Moments& acc) {
+  float cnt = 0.f, s = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (j0 + static_cast<I>(k * kStride) < nvec) {
+      cnt += V;
+#pragma unroll
+      for (int e = 0; e < V; ++e) s += pack_f32(p[k], e);
+    }
+  if (cnt == 0.f) return;
+  const float mean = __fdividef(s, cnt);
+  float q = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (j0 + static_cast<I>(k * kStride) < nvec) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float c = pack_f32(p[k], e) - mean;
+        q = fmaf(c, c, q);
+      }
+    }
+  acc = merge(acc, Moments{cnt, mean, q});
+}
+
 // Reduction over the threads that share one row: a group of `width` <= 32 lanes, or (width == blockDim.x > 32)
 // the whole block through `smem` (32 floats). Every thread of the block must call it; the result is broadcast.
 template <bool kMax>

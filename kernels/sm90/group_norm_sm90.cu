@@ -84,32 +84,6 @@ struct GnoLayout {
   }
 };
 
-// Exact moments of this thread's packs p[k] (pack index j0 + k * kThreads, those below nvec), merged into acc.
-template <typename T, int V, int K, int kThreads>
-__device__ __forceinline__ void packs_moments(const Pack<T, V> (&p)[K], uint32_t j0, uint32_t nvec, Moments& acc) {
-  float cnt = 0.f, s = 0.f;
-#pragma unroll
-  for (int k = 0; k < K; ++k)
-    if (j0 + k * kThreads < nvec) {
-      cnt += V;
-#pragma unroll
-      for (int e = 0; e < V; ++e) s += pack_f32(p[k], e);
-    }
-  if (cnt == 0.f) return;
-  const float mean = __fdividef(s, cnt);
-  float q = 0.f;
-#pragma unroll
-  for (int k = 0; k < K; ++k)
-    if (j0 + k * kThreads < nvec) {
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const float c = pack_f32(p[k], e) - mean;
-        q = fmaf(c, c, q);
-      }
-    }
-  acc = merge(acc, Moments{cnt, mean, q});
-}
-
 // y = act(x * a + c) of one pack.
 template <typename T, int V, bool kSilu>
 __device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V>& p, float2 ac) {
@@ -121,6 +95,22 @@ __device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V>& p, float2 ac) 
     out.v[e] = from_f32<T>(v);
   }
   return out;
+}
+
+// This thread's moments of a piece in shared memory (nvec packs), stage by stage as each stage's barrier completes.
+template <typename T, int V>
+__device__ __forceinline__ void staged_moments(const Pack<T, V>* packs, uint64_t* bars, int stages, uint32_t nvec,
+                                               Moments& acc) {
+  constexpr int kStagePacks = kStageBytes / 16, kPacksPerThread = kStagePacks / kGnoThreads;
+  for (int s = 0; s < stages; ++s) {
+    mbar_wait(&bars[s], 0);
+    Pack<T, V> p[kPacksPerThread];
+    const uint32_t j0 = s * kStagePacks + threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < kPacksPerThread; ++k)
+      if (j0 + k * kGnoThreads < nvec) p[k] = packs[j0 + k * kGnoThreads];
+    packs_moments<T, V, kPacksPerThread, kGnoThreads>(p, j0, nvec, acc);
+  }
 }
 
 // The group's statistics from each thread's moments of its values: merged over the CTA (per-warp results in
@@ -166,8 +156,6 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
                           T* __restrict__ y, uint32_t L, uint32_t HW, int Cg, int G, uint32_t piece, uint32_t held,
                           float eps) {
   constexpr int V = vec16<T>();
-  constexpr int kStagePacks = kStageBytes / 16;
-  constexpr int kPacksPerThread = kStagePacks / kGnoThreads;
   extern __shared__ __align__(128) unsigned char smem[];
   cg::cluster_group cluster = cg::this_cluster();
   const int64_t ng = blockIdx.y;
@@ -205,15 +193,7 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
         regs[k] = load_pack_cs<T, V>(xr + static_cast<int64_t>(threadIdx.x + k * kGnoThreads) * V);
   };
   Moments acc{0.f, 0.f, 0.f};
-  for (int s = 0; s < stages; ++s) {
-    mbar_wait(&bars[s], 0);
-    Pack<T, V> p[kPacksPerThread];
-    const uint32_t j0 = s * kStagePacks + threadIdx.x;
-#pragma unroll
-    for (int k = 0; k < kPacksPerThread; ++k)
-      if (j0 + k * kGnoThreads < nvec) p[k] = packs[j0 + k * kGnoThreads];
-    packs_moments<T, V, kPacksPerThread, kGnoThreads>(p, j0, nvec, acc);
-  }
+  staged_moments<T, V>(packs, bars, stages, nvec, acc);
   load_regs();
   packs_moments<T, V, kRegPacks, kGnoThreads>(regs, threadIdx.x, nvec_regs, acc);
   group_coefficients(acc, warp_m, cta_m, coef, w, b, static_cast<int>(ng % G) * Cg, Cg, static_cast<float>(L), eps);
@@ -285,7 +265,6 @@ group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                T* __restrict__ y, uint32_t S, uint32_t C, int Cg, int G, uint32_t rows, float eps) {
   using Unit = std::conditional_t<U == 16, uint4, std::conditional_t<U == 8, uint2, uint32_t>>;
   constexpr int V = vec16<T>();
-  constexpr int kStagePacks = kStageBytes / 16, kPacksPerThread = kStagePacks / kGnoThreads;
   constexpr int kUnitsPerThread = kStageBytes / U / kGnoThreads;  // a stage's units, per thread
   extern __shared__ __align__(128) unsigned char smem[];
   cg::cluster_group cluster = cg::this_cluster();
@@ -325,15 +304,7 @@ group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
   }
 
   Moments acc{0.f, 0.f, 0.f};
-  for (int s = 0; s < stages; ++s) {
-    mbar_wait(&bars[s], 0);
-    Pack<T, V> p[kPacksPerThread];
-    const uint32_t j0 = s * kStagePacks + threadIdx.x;
-#pragma unroll
-    for (int k = 0; k < kPacksPerThread; ++k)
-      if (j0 + k * kGnoThreads < nvec) p[k] = packs[j0 + k * kGnoThreads];
-    packs_moments<T, V, kPacksPerThread, kGnoThreads>(p, j0, nvec, acc);
-  }
+  staged_moments<T, V>(packs, bars, stages, nvec, acc);
   group_coefficients(acc, warp_m, cta_m, coef, w, b, g * Cg, Cg, static_cast<float>(S) * static_cast<float>(Cg),
                      eps);
 

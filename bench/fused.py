@@ -67,7 +67,7 @@ def gpu_ms(fn: Callable[[], object], stream: torch.cuda.Stream, iters: int, reps
     out = []
     for _ in range(reps):
         with torch.cuda.stream(stream):
-            torch.cuda._sleep(int(3 * host_s * _SPIN_HZ) + 1_000_000)
+            torch.cuda._sleep(int(6 * host_s * _SPIN_HZ) + 1_000_000)
             spun = torch.cuda.Event()
             spun.record(stream)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -14,6 +14,7 @@
 // CUTLASS 3.x TMA/wgmma implicit GEMM of kernels/sm90/conv_sm90.cu (C a multiple of 64); the sm80 kernels take
 // whatever it declines.
 #include "common.cuh"
+#include "gemm.cuh"  // current_device_facts
 
 #include <atomic>
 
@@ -105,42 +106,10 @@ enum ConvConfig : int { kConvBig = 0, kConvMedium = 1, kConvSm90 = 2, kConvConfi
 std::atomic<int> g_force_config{-1};  // -1: choose per problem
 std::atomic<int> g_last_config{-1};   // -1 after set_config, until a convolution runs here
 
-struct Facts {
-  int sms = 0;
-  int cc = 0;  // 10 * major + minor
-};
-
-constexpr int kMaxDevices = 64;
-std::atomic<int> g_sms[kMaxDevices];  // 0 = not yet queried
-std::atomic<int> g_cc[kMaxDevices];
-
-int device_facts(Facts* f) {
-  int dev = 0;
-  if (const cudaError_t e = cudaGetDevice(&dev)) return static_cast<int>(e);
-  const bool slot = dev >= 0 && dev < kMaxDevices;
-  if (slot && g_sms[dev].load() > 0) {
-    f->sms = g_sms[dev].load();
-    f->cc = g_cc[dev].load();
-    return 0;
-  }
-  int sms = 0, major = 0, minor = 0;
-  cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (!e) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (!e) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  if (e) return static_cast<int>(e);
-  f->sms = sms;
-  f->cc = 10 * major + minor;
-  if (slot) {
-    g_cc[dev].store(f->cc);
-    g_sms[dev].store(sms);  // last: a nonzero count marks the slot complete
-  }
-  return 0;
-}
-
 // sm_90a code runs on compute capability 9.0 only.
-bool sm90_available(const Facts& f) {
+bool sm90_available(const DeviceFacts& f) {
 #ifdef FASTDM_HAS_SM90
-  return f.cc == 90;
+  return f.cc_major == 9 && f.cc_minor == 0;
 #else
   (void)f;
   return false;
@@ -168,7 +137,7 @@ int run_sm80(int config, const ConvProblem& p, cudaStream_t stream) {
   }
 }
 
-int run_config(int dtype, int config, const ConvProblem& p, const Facts& f, cudaStream_t stream) {
+int run_config(int dtype, int config, const ConvProblem& p, const DeviceFacts& f, cudaStream_t stream) {
   if (config == kConvSm90) {
     if (!sm90_available(f)) return kConvNotSupported;
 #ifdef FASTDM_HAS_SM90
@@ -185,13 +154,13 @@ int run_config(int dtype, int config, const ConvProblem& p, const Facts& f, cuda
 
 // The automatic choice: the sm90 kernel where it takes the problem, else an sm80 tile. Sets *config to the one
 // that ran.
-int run_auto(int dtype, const ConvProblem& p, const Facts& f, cudaStream_t stream, int* config) {
+int run_auto(int dtype, const ConvProblem& p, const DeviceFacts& f, cudaStream_t stream, int* config) {
   if (kSm90Auto && sm90_available(f)) {
     *config = kConvSm90;
     const int st = run_config(dtype, kConvSm90, p, f, stream);
     if (st != kConvNotSupported) return st;
   }
-  *config = choose_sm80_config(p, f.sms);
+  *config = choose_sm80_config(p, f.sm_count);
   return run_config(dtype, *config, p, f, stream);
 }
 
@@ -232,8 +201,8 @@ FDM_API int fdm_conv2d_nhwc(const void* x, const void* w, const void* bias, void
                      (long long)image_in, (long long)image_out);
   if (N == 0) return 0;
 
-  Facts facts;
-  if (const int st = device_facts(&facts)) return st;
+  DeviceFacts facts;
+  if (const int st = current_device_facts(&facts)) return st;
   // Whole images per launch, as many as keep every tensor of the launch under 2 GiB.
   const int64_t per_launch_max = (kMaxTensorBytes - 1) / (image_in > image_out ? image_in : image_out);
   const int force = g_force_config.load();
@@ -274,6 +243,6 @@ FDM_API int fdm_conv2d_nhwc_config_count() { return kConvConfigCount; }
 FDM_API int fdm_conv2d_nhwc_config_available(int config) {
   if (config < 0 || config >= kConvConfigCount) return 0;
   if (config != kConvSm90) return 1;
-  Facts facts;
-  return device_facts(&facts) == 0 && sm90_available(facts) ? 1 : 0;
+  DeviceFacts facts;
+  return current_device_facts(&facts) == 0 && sm90_available(facts) ? 1 : 0;
 }

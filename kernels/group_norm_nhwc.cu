@@ -201,17 +201,13 @@ gn_nhwc_finalize_kernel(const T* __restrict__ x, const float* __restrict__ stats
                         const T* __restrict__ bias, float* __restrict__ a, float* __restrict__ b,
                         float* __restrict__ k, int64_t S, int64_t C, int G, int64_t rpc, int chunks, float eps) {
   __shared__ Moments part[8];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t g = blockIdx.x, n = blockIdx.y;
   const int64_t Cg = C / G;
   const float* st = stats + (n * G + g) * chunks * 2;
   Moments m{0.f, 0.f, 0.f};
   for (int j = threadIdx.x; j < chunks; j += 256)
     m = merge(m, Moments{static_cast<float>(chunk_rows(S, rpc, j) * Cg), st[2 * j], st[2 * j + 1]});
-  m = group_merge(m, 32);
-  if (lane == 0) part[warp] = m;
-  __syncthreads();
-  m = group_merge(lane < 8 ? part[lane] : Moments{0.f, 0.f, 0.f}, 32);  // every warp, same order: m.mean of x - k
+  m = block_merge(m, part);  // m.mean: of x - k
   const float inv_count = static_cast<float>(1.0 / (static_cast<double>(S) * static_cast<double>(Cg)));
   const float rstd = rsqrtf(fmaxf(m.m2 * inv_count, 0.f) + eps);
   const float ref = to_f32(x[n * S * C + g * Cg]);

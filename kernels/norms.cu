@@ -663,17 +663,10 @@ group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ ws, int64_t
 #pragma unroll
     for (int k = 0; k < kGnPacks; ++k) p[k] = next[k];
   }
-  acc = group_merge(acc, 32);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) part[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    Moments m = lane < kGnThreads / 32 ? part[lane] : Moments{0.f, 0.f, 0.f};
-    m = group_merge(m, 32);
-    if (lane == 0) {
-      ws[(ng * chunks + blockIdx.x) * 2] = m.mean;
-      ws[(ng * chunks + blockIdx.x) * 2 + 1] = m.m2;
-    }
+  const Moments m = block_merge(acc, part);
+  if (threadIdx.x == 0) {
+    ws[(ng * chunks + blockIdx.x) * 2] = m.mean;
+    ws[(ng * chunks + blockIdx.x) * 2 + 1] = m.m2;
   }
 }
 

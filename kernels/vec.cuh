@@ -111,6 +111,17 @@ __device__ __forceinline__ Moments group_merge(Moments m, int width) {
           __shfl_sync(0xffffffffu, m.m2, 0, width)};
 }
 
+// merge() over the whole block (blockDim.x a multiple of 32): each warp's merge into slots[warp] (blockDim.x / 32
+// Moments of shared memory), one barrier, then every warp merges the slots in the same order, so every thread
+// returns the same bits. Every thread of the block must call; slots may be rewritten only after another barrier.
+__device__ __forceinline__ Moments block_merge(Moments m, Moments* slots) {
+  m = group_merge(m, 32);
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) slots[threadIdx.x >> 5] = m;
+  __syncthreads();
+  return group_merge(lane < static_cast<int>(blockDim.x >> 5) ? slots[lane] : Moments{0.f, 0.f, 0.f}, 32);
+}
+
 // Exact moments of this thread's packs p[k] (pack index j0 + k * kStride; those at or past nvec are skipped), merged
 // into acc: the packs' mean first, then their squared deviations from it. I: the index type.
 template <typename T, int V, int K, int kStride, typename I>

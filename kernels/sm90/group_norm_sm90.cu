@@ -121,15 +121,9 @@ template <typename T>
 __device__ __forceinline__ void group_coefficients(Moments acc, Moments* warp_m, Moments* cta_m, float2* coef,
                                                    const T* w, const T* b, int ch0, int Cg, float count, float eps) {
   cg::cluster_group cluster = cg::this_cluster();
-  acc = group_merge(acc, 32);
+  const Moments block = block_merge(acc, warp_m);
+  if (threadIdx.x == 0) *cta_m = block;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) warp_m[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    Moments m = lane < kGnoThreads / 32 ? warp_m[lane] : Moments{0.f, 0.f, 0.f};
-    m = group_merge(m, 32);
-    if (lane == 0) *cta_m = m;
-  }
   cluster.sync();  // every CTA's moments are written (release / acquire across the cluster)
   if (warp == 0) {
     // Every CTA merges the same values in the same lane order, so all of them get the same bits.

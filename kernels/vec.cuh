@@ -228,8 +228,8 @@ inline unsigned grid_blocks(int64_t n, int threads) {
   return static_cast<unsigned>(b < 1 ? 1 : b);
 }
 
-// Blocks of kKernel resident per SM at (threads, smem) on the current device: cudaOccupancyMaxActiveBlocksPerMultiprocessor
-// asked once per (device, threads, smem) and kept, since the launchers that size their grid by it run on every call.
+// Blocks of kKernel resident per SM at (threads, smem) on the current device: the CUDA occupancy query asked once
+// per (device, threads, smem) and kept, since the launchers that size their grid by it run on every call.
 template <auto kKernel>
 cudaError_t resident_blocks(int threads, size_t smem, int* blocks) {
   struct Entry {

@@ -70,8 +70,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
-// Shared memory: the piece's held part (rounded up to 16 bytes), then its stage barriers, the per-warp and per-CTA moments, and
-// each channel's (scale, shift).
+// Shared memory: the piece's held part (rounded up to 16 bytes), then its stage barriers, the per-warp and per-CTA
+// moments, and each channel's (scale, shift).
 struct GnoLayout {
   uint32_t stages, bars, warp_moments, cta_moments, coef, bytes;
   __host__ __device__ GnoLayout(uint32_t held_bytes, int threads, int channels) {

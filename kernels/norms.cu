@@ -917,8 +917,9 @@ FDM_API int fdm_group_norm(const void* x, const void* w, const void* b, void* y,
   if (chunks < 1 || chunks > 65535) return arg_error("fdm_group_norm: chunks %d not in [1, 65535]", chunks);
   if (N * G > 65535) return arg_error("fdm_group_norm: N * groups = %lld exceeds 65535", (long long)(N * G));
   if (N == 0 || C == 0 || HW == 0) return 0;
-  // Hopper: the one-pass cluster kernel where a group fits its shared memory (groups up to 512 KB, 16-byte packs);
-  // the two-pass kernels below take what it declines, unless the one-pass path is forced (then the call fails).
+  // Hopper: the one-pass cluster kernel where a group fits a cluster (16 CTAs of 76 KB: groups up to ~1.2 MB; HW in
+  // whole 16-byte packs); the two-pass kernels below take what it declines, unless the one-pass path is forced (then
+  // the call fails).
   if (g_gn_force_path != kGnTwoPass) {
 #ifdef FASTDM_HAS_SM90
     DeviceFacts dev;
@@ -933,8 +934,8 @@ FDM_API int fdm_group_norm(const void* x, const void* w, const void* b, void* y,
 #endif
     if (g_gn_force_path == kGnOnePass)
       return arg_error("fdm_group_norm: the one-pass path was forced but cannot take this call (it needs an sm_90 "
-                       "device and sm_90a build, a group of at most 512 KB, HW a multiple of 16 bytes, aligned x and "
-                       "y)");
+                       "device and sm_90a build, a group of at most 16 x 76 KB, HW a multiple of 16 bytes, aligned x "
+                       "and y)");
   }
   g_gn_last_path = kGnTwoPass;
   FDM_DISPATCH_FLOAT(dtype, {

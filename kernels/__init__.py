@@ -84,6 +84,9 @@ SIGNATURES: dict[str, list] = {
     "fdm_gemm_sm90_config_count": [],
     "fdm_gemm_sm90_last_config": [],
     "fdm_gemm_sm90_config_name": [I, ctypes.c_char_p, I64],
+    # configurations measured on this machine (scripts/tune_gemm.py): (M, N, K, gated, config|-1); clear forgets all
+    "fdm_gemm_sm90_set_tuned": [I64, I64, I64, I, I],
+    "fdm_gemm_sm90_clear_tuned": [],
     # im2col.cu: (x, w, bias|None, out, workspace, workspace_bytes, N, C, H, W, O, kh, kw, sh, sw, ph, pw, dtype,
     #  stream)
     "fdm_conv2d": [P, P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, P],

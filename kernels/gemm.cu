@@ -9,6 +9,7 @@
 #include "gemm.cuh"
 
 #include <mutex>
+#include <vector>
 
 namespace fdm {
 namespace {
@@ -175,8 +176,26 @@ const Sm90Winner* find_winner(const LinearProblem& p, const DeviceFacts& dev) {
   return any;
 }
 
-// The automatic choice: the winners-table row for p on this card, else sm90_rule.
+// Configurations measured on this machine for exact problems (scripts/tune_gemm.py writes them to a cache file;
+// runtime/ops/cuda/gemm_tuning.py hands them over with fdm_gemm_sm90_set_tuned): they win over the table.
+struct TunedChoice {
+  int64_t M, N, K;
+  bool gated;
+  int config;
+};
+std::mutex g_tuned_mutex;
+std::vector<TunedChoice> g_tuned;
+
+int tuned_config(const LinearProblem& p) {
+  std::lock_guard<std::mutex> lock(g_tuned_mutex);
+  for (const TunedChoice& t : g_tuned)
+    if (t.M == p.M && t.N == p.N && t.K == p.K && t.gated == (p.gate != nullptr)) return t.config;
+  return -1;
+}
+
+// The automatic choice: a tuned configuration for p, else the winners-table row for p on this card, else sm90_rule.
 int auto_sm90_config(const LinearProblem& p, const DeviceFacts& dev) {
+  if (const int tuned = tuned_config(p); tuned >= 0) return tuned;
   if (const Sm90Winner* w = find_winner(p, dev)) {
     if (p.gate && w->gated >= 0) return w->gated;
     return p.gate ? gated_sibling(w->plain) : w->plain;
@@ -447,6 +466,43 @@ FDM_API int fdm_gemm_sm90_auto_config(int64_t M, int64_t N, int64_t K, int gated
   (void)M, (void)N, (void)K, (void)gated, (void)sm_count, (void)l2_mib;
   return -1;
 #endif
+}
+
+// A configuration measured on this machine for the exact problem M x K -> N (gated: a linear_gated_residual with
+// that many rows a batch), chosen ahead of the winners table from now on in this process; config -1 forgets it.
+// Loaded from scripts/tune_gemm.py's cache by runtime/ops/cuda/gemm_tuning.py.
+FDM_API int fdm_gemm_sm90_set_tuned(int64_t M, int64_t N, int64_t K, int gated, int config) {
+#ifdef FASTDM_HAS_SM90
+  if (M < 1 || N < 1 || K < 1) return arg_error("tuned GEMM M, N, K must be >= 1, got %lld, %lld, %lld", (long long)M,
+                                                (long long)N, (long long)K);
+  if (config < -1 || config >= kSm90ConfigCount)
+    return arg_error("sm90 GEMM configuration %d does not exist (want -1 or 0..%d)", config, kSm90ConfigCount - 1);
+  if (gated && config >= 0 && !sm90_config_takes_gate(kSm90Configs[config]))
+    return arg_error("sm90 GEMM configuration %d cannot run a gated residual (its epilogue reads no C)", config);
+  std::lock_guard<std::mutex> lock(g_tuned_mutex);
+  for (size_t i = 0; i < g_tuned.size(); ++i)
+    if (g_tuned[i].M == M && g_tuned[i].N == N && g_tuned[i].K == K && g_tuned[i].gated == (gated != 0)) {
+      if (config < 0)
+        g_tuned.erase(g_tuned.begin() + static_cast<std::ptrdiff_t>(i));
+      else
+        g_tuned[i].config = config;
+      return 0;
+    }
+  if (config >= 0) g_tuned.push_back({M, N, K, gated != 0, config});
+  return 0;
+#else
+  (void)M, (void)N, (void)K, (void)gated, (void)config;
+  return 0;  // no sm90 kernels here: nothing to choose between
+#endif
+}
+
+// Forgets every tuned configuration (fdm_gemm_sm90_set_tuned).
+FDM_API int fdm_gemm_sm90_clear_tuned() {
+#ifdef FASTDM_HAS_SM90
+  std::lock_guard<std::mutex> lock(g_tuned_mutex);
+  g_tuned.clear();
+#endif
+  return 0;
 }
 
 // The number of sm90 configurations; a query, not a status.

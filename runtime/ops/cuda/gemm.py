@@ -16,6 +16,7 @@ import numpy as np
 from ... import dtypes
 from ...errors import InvalidArgumentError, ShapeError
 from ...tensor import Tensor, empty
+from . import gemm_tuning
 from ._common import call, check_float, check_same_dtype, contig, empty_like, gpu_device, stream
 
 # Activation codes of fdm_linear (enum GemmAct in kernels/gemm.cuh).
@@ -62,6 +63,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
         raise InvalidArgumentError(f"ops.linear: activation {activation!r} is not supported; use one of "
                                    f"{list(_ACTIVATIONS)}")
     device = gpu_device("linear", x, weight, bias)
+    gemm_tuning.ensure_loaded(device)
     check_float("linear", x)
     check_same_dtype("linear", x, weight, "weight")
     check_same_dtype("linear", x, bias, "bias")
@@ -79,6 +81,7 @@ def linear_gated_residual(x: Tensor, weight: Tensor, bias: Tensor | None, gate: 
     """residual + gate[:, None, :] * (x @ weight.T + bias). x: [B, S, K], gate: [B, N], residual: [B, S, N]."""
     op = "linear_gated_residual"
     device = gpu_device(op, x, weight, bias, gate, residual)
+    gemm_tuning.ensure_loaded(device)
     check_float(op, x)
     for t, name in ((weight, "weight"), (bias, "bias"), (gate, "gate"), (residual, "residual")):
         check_same_dtype(op, x, t, name)

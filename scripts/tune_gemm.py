@@ -31,6 +31,16 @@ def config_name(config: int) -> str:
 
 
 def main() -> int:
+    from fastdm.runtime.errors import FastdmError
+
+    try:
+        return run()
+    except FastdmError as e:  # no GPU, not Hopper, a bad problem, a broken cache: say so, no traceback
+        print(f"tune_gemm: {e}", file=sys.stderr)
+        return 2
+
+
+def run() -> int:
     from fastdm.runtime import cuda
     from fastdm.runtime.ops.cuda import gemm_tuning
 
@@ -42,9 +52,12 @@ def main() -> int:
                    help="keep a configuration only if it is this much faster than the library's choice (0.03)")
     p.add_argument("--list", action="store_true", help="print this card's cache entries and exit")
     args = p.parse_args()
+    problems = [gemm_tuning.Problem.parse(t) for t in args.problems]
+    if not problems and not args.list:
+        p.error("name at least one problem (MxNxK or MxNxK-gated), or --list")
     path = gemm_tuning.cache_path()
     if path is None:
-        print("FASTDM_GEMM_TUNING=off: no tuning cache", file=sys.stderr)
+        print("tune_gemm: FASTDM_GEMM_TUNING=off: there is no tuning cache to use", file=sys.stderr)
         return 2
     device = cuda.current_device()
     card = gemm_tuning.card_key(device)
@@ -55,9 +68,6 @@ def main() -> int:
             print(f"  {key}: config {e['config']} ({config_name(e['config'])}), {e.get('ms')} ms vs the library's "
                   f"choice {e.get('auto_ms')} ms")
         return 0
-    if not args.problems:
-        p.error("name at least one problem (MxNxK or MxNxK-gated), or --list")
-    problems = [gemm_tuning.Problem.parse(t) for t in args.problems]
     print(f"card: {card}; cache: {path}")
     print("| problem | library choice | ms | best | ms | gain |")
     print("|---|---|---|---|---|---|")

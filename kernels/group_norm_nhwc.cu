@@ -342,26 +342,14 @@ FDM_API int fdm_group_norm_nhwc(const void* x, const void* w, const void* b, voi
     return arg_error("fdm_group_norm_nhwc: workspace of %lld floats is smaller than N*G*chunks*2 + 3*N*C = %lld",
                      (long long)ws_elems, (long long)need);
   // Hopper: the one-pass cluster kernel of kernels/sm90/group_norm_sm90.cu where a group's column fits it; the
-  // three kernels below take what it declines, unless the one-pass path is forced (then the call fails).
-  if (g_gn_force_path != kGnTwoPass) {
-#ifdef FASTDM_HAS_SM90
-    DeviceFacts dev;
-    if (const int e = current_device_facts(&dev)) return e;
-    if (dev.cc_major == 9 && dev.cc_minor == 0) {
-      const int st = group_norm_nhwc_sm90(x, w, b, y, N, S, C, G, eps, silu != 0, dtype, stream);
-      if (st != kGroupNormSm90Declined) {
-        g_gn_last_path = kGnOnePass;
-        return st;
-      }
-    }
-#endif
-    if (g_gn_force_path == kGnOnePass)
-      return arg_error("fdm_group_norm_nhwc: the one-pass path was forced but cannot take this call (it needs an "
-                       "sm_90 device and sm_90a build, group rows of 64 bytes or more in 4-byte units, a group column "
-                       "of at most 1 MB split into whole 16-byte packs, every cluster resident at once, aligned x "
-                       "and y)");
-  }
-  g_gn_last_path = kGnTwoPass;
+  // three kernels below take what it declines.
+  if (const int st = group_norm_try_one_pass(
+          [&] { return group_norm_nhwc_sm90(x, w, b, y, N, S, C, G, eps, silu != 0, dtype, stream); },
+          "fdm_group_norm_nhwc",
+          "group rows of 64 bytes or more in 4-byte units, a group column of at most 1 MB split into whole 16-byte "
+          "packs, every cluster resident at once, aligned x and y");
+      st != kGroupNormSm90Declined)
+    return st;
   FDM_DISPATCH_FLOAT(dtype, {
     using T = scalar_t;
     constexpr int V = vec16<T>();

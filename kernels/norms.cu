@@ -918,26 +918,12 @@ FDM_API int fdm_group_norm(const void* x, const void* w, const void* b, void* y,
   if (N * G > 65535) return arg_error("fdm_group_norm: N * groups = %lld exceeds 65535", (long long)(N * G));
   if (N == 0 || C == 0 || HW == 0) return 0;
   // Hopper: the one-pass cluster kernel where a group fits a cluster (16 CTAs of 76 KB: groups up to ~1.2 MB; HW in
-  // whole 16-byte packs); the two-pass kernels below take what it declines, unless the one-pass path is forced (then
-  // the call fails).
-  if (g_gn_force_path != kGnTwoPass) {
-#ifdef FASTDM_HAS_SM90
-    DeviceFacts dev;
-    if (const int e = current_device_facts(&dev)) return e;
-    if (dev.cc_major == 9 && dev.cc_minor == 0) {
-      const int st = group_norm_sm90(x, w, b, y, N, C, HW, G, eps, silu != 0, dtype, stream);
-      if (st != kGroupNormSm90Declined) {
-        g_gn_last_path = kGnOnePass;
-        return st;
-      }
-    }
-#endif
-    if (g_gn_force_path == kGnOnePass)
-      return arg_error("fdm_group_norm: the one-pass path was forced but cannot take this call (it needs an sm_90 "
-                       "device and sm_90a build, a group of at most 16 x 76 KB, HW a multiple of 16 bytes, aligned x "
-                       "and y)");
-  }
-  g_gn_last_path = kGnTwoPass;
+  // whole 16-byte packs); the two-pass kernels below take what it declines.
+  if (const int st = group_norm_try_one_pass(
+          [&] { return group_norm_sm90(x, w, b, y, N, C, HW, G, eps, silu != 0, dtype, stream); }, "fdm_group_norm",
+          "a group of at most 16 x 76 KB, HW a multiple of 16 bytes, aligned x and y");
+      st != kGroupNormSm90Declined)
+    return st;
   FDM_DISPATCH_FLOAT(dtype, {
     using T = scalar_t;
     constexpr int V = vec16<T>();

@@ -481,8 +481,8 @@ int group_norm_sm90(const void* x, const void* w, const void* b, void* y, int64_
 // GroupNorm (+ SiLU) of channels-last x [N, S, C] (contiguous) in one pass, as fdm_group_norm_nhwc defines it.
 // Declines (kGroupNormSm90Declined, nothing launched) where a group's column does not fit a cluster's shared memory,
 // where a group's row is under 64 bytes or not a whole number of 4-byte units, where the clusters do not all fit
-// the device at once, where S does not split into pieces of whole 16-byte
-// packs, where a pointer is not 16-byte aligned, or where the device cannot schedule the cluster.
+// the device at once, where S does not split into pieces of whole 16-byte packs, or where a pointer is not 16-byte
+// aligned.
 int group_norm_nhwc_sm90(const void* x, const void* w, const void* b, void* y, int64_t N, int64_t S, int64_t C, int G,
                          float eps, bool silu_act, int dtype, cudaStream_t stream) {
   if (!aligned16(x) || !aligned16(y) || N * G > 65535 || N * S * C > (int64_t{1} << 40) || S > INT32_MAX ||

@@ -136,7 +136,7 @@ def _time_graph(fn, reps: int, batches: int) -> float:
     stream = graph.stream
     times = []
     for _ in range(batches):
-        start, end = cuda.Event().record(stream), None
+        start = cuda.Event().record(stream)
         graph.replay()
         end = cuda.Event().record(stream)
         end.synchronize()

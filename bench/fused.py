@@ -151,7 +151,8 @@ def gelu_mul(bench: Bench) -> None:
 
 
 def group_norm_path(path: int) -> None:
-    """fastdm's GroupNorm kernel choice (0 automatic, 1 the one-pass Hopper cluster kernel, 2 the two-pass kernels)."""
+    """fastdm's GroupNorm kernel choice (0 automatic, 1 the one-pass Hopper cluster kernel, 2 the multi-pass kernels,
+    3 the channels-last whole-tensor-on-chip kernel)."""
     from fastdm import kernels
 
     kernels.call("fdm_group_norm_set_path", path)
@@ -190,10 +191,10 @@ def group_norm_silu_case(bench: Bench, shape: tuple[int, ...]) -> None:
 
 def group_norm_silu_nhwc(bench: Bench) -> None:
     """Channels-last GroupNorm + SiLU at SDXL UNet and VAE sizes, vs torch's channels_last group_norm + silu; on
-    Hopper also the three-kernel path (kernels/group_norm_nhwc.cu) against the one-pass kernel the automatic choice
-    takes where a group fits (the VAE's 256x256 groups do not)."""
+    Hopper also the three-kernel path (kernels/group_norm_nhwc.cu) against each one-pass kernel that takes the
+    shape: the whole-tensor-on-chip kernel (x up to ~36 MB) and the cluster kernel (wide group rows)."""
     for shape in [(2, 128, 128, 512), (2, 128, 128, 320), (2, 64, 64, 640), (2, 32, 32, 1280), (2, 32, 32, 2560),
-                  (2, 64, 64, 1920), (1, 256, 256, 512)]:
+                  (2, 64, 64, 1920), (1, 128, 128, 512), (2, 128, 128, 640), (1, 256, 256, 512)]:
         group_norm_silu_nhwc_case(bench, shape)
 
 
@@ -215,15 +216,14 @@ def group_norm_silu_nhwc_case(bench: Bench, shape: tuple[int, ...]) -> None:
         group_norm_path(path)
         return ops.group_norm(x, 32, fw, fb, eps=1e-5, activation="silu", channels_last=True)
 
-    try:
-        with_path(1, fsets[0])
-    except CudaError:  # a shape the one-pass kernel declines (narrow rows, big groups, more than one wave)
-        group_norm_path(0)
-        return
-
-    bench.case(f"group_norm+silu channels-last {list(shape)} one-pass vs fastdm three-kernel (baseline)",
-               2 * numel * 2, [lambda x=x: with_path(2, x) for x in fsets],
-               [lambda x=x: with_path(1, x) for x in fsets], baseline_is_fastdm=True)
+    for path, name in ((3, "whole-tensor one-pass"), (1, "cluster one-pass")):
+        try:
+            with_path(path, fsets[0])
+        except CudaError:  # a shape this kernel declines (too large for the chips; narrow rows, big groups)
+            continue
+        bench.case(f"group_norm+silu channels-last {list(shape)} {name} vs fastdm three-kernel (baseline)",
+                   2 * numel * 2, [lambda x=x: with_path(2, x) for x in fsets],
+                   [lambda x=x, p=path: with_path(p, x) for x in fsets], baseline_is_fastdm=True)
     group_norm_path(0)
 
 

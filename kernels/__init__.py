@@ -48,7 +48,8 @@ SIGNATURES: dict[str, list] = {
     "fdm_softmax": [P, P, I64, I64, I64, I64, I64, I64, I64, I, P],
     # (x, w|None, b|None, y, ws f32 [N*G*chunks*2], chunks, N, C, HW, G, eps, silu, dtype, stream)
     "fdm_group_norm": [P, P, P, P, P, I, I64, I64, I64, I, F, I, I, P],
-    # test hooks for fdm_group_norm: force a kernel (0 auto, 1 one-pass sm90 cluster, 2 two-pass);
+    # test hooks for fdm_group_norm(_nhwc): force a kernel (0 auto, 1 one-pass sm90 cluster, 2 two-pass /
+    # three-kernel, 3 channels-last whole tensor on chip);
     # fdm_group_norm_last_path returns a path, not a status
     "fdm_group_norm_set_path": [I],
     "fdm_group_norm_last_path": [],

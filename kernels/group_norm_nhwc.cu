@@ -341,15 +341,24 @@ FDM_API int fdm_group_norm_nhwc(const void* x, const void* w, const void* b, voi
   if (ws_elems < need)
     return arg_error("fdm_group_norm_nhwc: workspace of %lld floats is smaller than N*G*chunks*2 + 3*N*C = %lld",
                      (long long)ws_elems, (long long)need);
-  // Hopper: the one-pass cluster kernel of kernels/sm90/group_norm_sm90.cu where a group's column fits it; the
-  // three kernels below take what it declines.
-  if (const int st = group_norm_try_one_pass(
-          [&] { return group_norm_nhwc_sm90(x, w, b, y, N, S, C, G, eps, silu != 0, dtype, stream); },
+  // Hopper: the whole tensor on chip (kernels/sm90/group_norm_resident_sm90.cu) where it fits, else the cluster
+  // kernel of kernels/sm90/group_norm_sm90.cu where a group's column fits it; the three kernels below take the rest.
+  if (const int st = group_norm_try_sm90(
+          kGnResident,
+          [&] { return group_norm_nhwc_resident_sm90(x, w, b, y, ws, chunks, N, S, C, G, eps, silu != 0, dtype, stream); },
+          "fdm_group_norm_nhwc",
+          "x within the device's shared memory and registers (one CTA an SM), groups of at least one 16-byte pack of "
+          "channels, C a whole number of packs, aligned x, y and ws");
+      st != kGroupNormSm90Declined)
+    return st;
+  if (const int st = group_norm_try_sm90(
+          kGnOnePass, [&] { return group_norm_nhwc_sm90(x, w, b, y, N, S, C, G, eps, silu != 0, dtype, stream); },
           "fdm_group_norm_nhwc",
           "group rows of 64 bytes or more in 4-byte units, a group column of at most 1 MB split into whole 16-byte "
           "packs, every cluster resident at once, aligned x and y");
       st != kGroupNormSm90Declined)
     return st;
+  g_gn_last_path = kGnTwoPass;
   FDM_DISPATCH_FLOAT(dtype, {
     using T = scalar_t;
     constexpr int V = vec16<T>();

@@ -919,11 +919,14 @@ FDM_API int fdm_group_norm(const void* x, const void* w, const void* b, void* y,
   if (N == 0 || C == 0 || HW == 0) return 0;
   // Hopper: the one-pass cluster kernel where a group fits a cluster (16 CTAs of 76 KB: groups up to ~1.2 MB; HW in
   // whole 16-byte packs); the two-pass kernels below take what it declines.
-  if (const int st = group_norm_try_one_pass(
-          [&] { return group_norm_sm90(x, w, b, y, N, C, HW, G, eps, silu != 0, dtype, stream); }, "fdm_group_norm",
-          "a group of at most 16 x 76 KB, HW a multiple of 16 bytes, aligned x and y");
+  if (g_gn_force_path == kGnResident)
+    return arg_error("fdm_group_norm: the whole-tensor-on-chip path takes channels-last input only");
+  if (const int st = group_norm_try_sm90(
+          kGnOnePass, [&] { return group_norm_sm90(x, w, b, y, N, C, HW, G, eps, silu != 0, dtype, stream); },
+          "fdm_group_norm", "a group of at most 16 x 76 KB, HW a multiple of 16 bytes, aligned x and y");
       st != kGroupNormSm90Declined)
     return st;
+  g_gn_last_path = kGnTwoPass;
   FDM_DISPATCH_FLOAT(dtype, {
     using T = scalar_t;
     constexpr int V = vec16<T>();
@@ -936,14 +939,14 @@ FDM_API int fdm_group_norm(const void* x, const void* w, const void* b, void* y,
 }
 
 // Test hook, for fdm_group_norm and fdm_group_norm_nhwc: 0 picks the kernels by device and call; 1 forces the
-// one-pass sm90 kernel (a call it cannot take then fails with an argument error), 2 the two-pass (NCHW) or
-// three-kernel (channels-last) path.
+// one-pass sm90 cluster kernel, 3 the channels-last whole-tensor-on-chip kernel (a call the forced kernel cannot
+// take then fails with an argument error), 2 the two-pass (NCHW) or three-kernel (channels-last) path.
 FDM_API int fdm_group_norm_set_path(int path) {
-  if (path < kGnAuto || path > kGnTwoPass) return arg_error("unknown group_norm path %d", path);
+  if (path < kGnAuto || path > kGnResident) return arg_error("unknown group_norm path %d", path);
   g_gn_force_path = path;
   return 0;
 }
 
-// The path (1 one-pass, 2 two-pass / three-kernel) the last group_norm call of either layout ran, on any thread; a
+// The path (1 one-pass cluster, 2 two-pass / three-kernel, 3 whole tensor on chip) the last group_norm call of either layout ran, on any thread; a
 // query, not a status.
 FDM_API int fdm_group_norm_last_path() { return g_gn_last_path; }

@@ -24,6 +24,7 @@
 #include <mutex>
 #include <vector>
 
+#include "bulk_copy.cuh"
 #include "common.cuh"
 #include "group_norm.cuh"
 #include "vec.cuh"
@@ -38,37 +39,6 @@ constexpr int kGnoThreads = 256;
 constexpr int kStageBytes = 16384;  // one bulk copy and one mbarrier each; statistics start as each lands
 constexpr int kMaxCluster = 16;     // non-portable above 8: granted where the GPU can co-schedule it
 constexpr int kRegPacks = 6;        // 16-byte packs a thread holds in registers: 24 KB of a CTA's piece
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-// The barrier inits visible to the async (TMA) proxy before any copy signals them.
-__device__ __forceinline__ void fence_barrier_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
-}
-// Global -> this CTA's shared memory, `bytes` (a multiple of 16, both addresses 16-byte aligned), completing on bar.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar))
-      : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n\t.reg .pred done;\n"
-      "WAIT:\n\t"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
-      "@!done bra WAIT;\n}" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
 
 // Shared memory: the piece's held part (rounded up to 16 bytes), then its stage barriers, the per-warp and per-CTA
 // moments, and each channel's (scale, shift).

@@ -109,42 +109,44 @@ def test_one_pass(rng, dtype, shape, groups, affine, activation):
     assert err < TOL[dtype], f"rel_l2 {err:.3g} >= {TOL[dtype]}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,groups", SHAPES_NHWC, ids=ids(SHAPES_NHWC))
-@pytest.mark.parametrize("affine,activation", [(True, "silu"), (False, None)], ids=["affine_silu", "plain"])
-def test_one_pass_channels_last(rng, dtype, shape, groups, affine, activation):
+def channels_last_case(rng, dtype, shape, affine):
+    """x [N, *spatial, C] with a large mean, and the affine weight and bias (or None)."""
     x = rand(rng, dtype, *shape, scale=3.0, shift=5.0)
     c = shape[-1]
     w = rand(rng, dtype, c, shift=1.0) if affine else None
     b = rand(rng, dtype, c) if affine else None
-    out, path = run(x, w, b, groups, activation, ONE_PASS, channels_last=True)
-    assert path == ONE_PASS
+    return x, w, b
+
+
+def check_channels_last(x, w, b, groups, activation, path, dtype):
+    """The forced channels-last path runs and matches ops.cpu."""
+    out, ran = run(x, w, b, groups, activation, path, channels_last=True)
+    assert ran == path
     ref = cpu.group_norm(x, w, b, num_groups=groups, eps=1e-5, activation=activation, channels_last=True)
     got = out.numpy().astype(np.float32)
     assert np.isfinite(got).all()
     err = rel_l2(got, ref)
     assert err < TOL[dtype], f"rel_l2 {err:.3g} >= {TOL[dtype]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", SHAPES_NHWC, ids=ids(SHAPES_NHWC))
+@pytest.mark.parametrize("affine,activation", [(True, "silu"), (False, None)], ids=["affine_silu", "plain"])
+def test_one_pass_channels_last(rng, dtype, shape, groups, affine, activation):
+    x, w, b = channels_last_case(rng, dtype, shape, affine)
+    check_channels_last(x, w, b, groups, activation, ONE_PASS, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,groups", SHAPES_RESIDENT, ids=ids(SHAPES_RESIDENT))
 @pytest.mark.parametrize("affine,activation", [(True, "silu"), (False, None)], ids=["affine_silu", "plain"])
 def test_resident_channels_last(rng, dtype, shape, groups, affine, activation):
-    x = rand(rng, dtype, *shape, scale=3.0, shift=5.0)
-    c = shape[-1]
-    w = rand(rng, dtype, c, shift=1.0) if affine else None
-    b = rand(rng, dtype, c) if affine else None
-    if c * x.itemsize // 16 > 512:  # more than 512 packs a row (C = 2560 in float32): one CTA cannot walk a row
+    x, w, b = channels_last_case(rng, dtype, shape, affine)
+    if shape[-1] * x.itemsize // 16 > 512:  # more than 512 packs a row (C = 2560 in float32): one CTA cannot walk it
         with pytest.raises(CudaError, match="whole-tensor-on-chip path was forced"):
             run(x, w, b, groups, activation, RESIDENT, channels_last=True)
         return
-    out, path = run(x, w, b, groups, activation, RESIDENT, channels_last=True)
-    assert path == RESIDENT
-    ref = cpu.group_norm(x, w, b, num_groups=groups, eps=1e-5, activation=activation, channels_last=True)
-    got = out.numpy().astype(np.float32)
-    assert np.isfinite(got).all()
-    err = rel_l2(got, ref)
-    assert err < TOL[dtype], f"rel_l2 {err:.3g} >= {TOL[dtype]}"
+    check_channels_last(x, w, b, groups, activation, RESIDENT, dtype)
 
 
 def test_resident_register_tail_bf16(rng):

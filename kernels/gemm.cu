@@ -282,7 +282,8 @@ int current_device_facts(DeviceFacts* facts) {
   if ((e = cudaDeviceGetAttribute(&f.cc_major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess ||
       (e = cudaDeviceGetAttribute(&f.cc_minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess ||
       (e = cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
-      (e = cudaDeviceGetAttribute(&f.l2_mib, cudaDevAttrL2CacheSize, dev)) != cudaSuccess)
+      (e = cudaDeviceGetAttribute(&f.l2_mib, cudaDevAttrL2CacheSize, dev)) != cudaSuccess ||
+      (e = cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
     return static_cast<int>(e);
   f.l2_mib >>= 20;  // bytes -> MiB
   if (dev < kMaxDevices) {

@@ -71,7 +71,8 @@ struct SimtProblem {
 // Device facts the dispatch needs, queried once per device.
 struct DeviceFacts {
   int cc_major = 0, cc_minor = 0, sm_count = 0;
-  int l2_mib = 0;  // L2 size: tells an H100 (50 MiB) from an H200 (60) for per-card GEMM winners
+  int l2_mib = 0;      // L2 size: tells an H100 (50 MiB) from an H200 (60) for per-card GEMM winners
+  int smem_optin = 0;  // bytes of dynamic shared memory a block may opt into
 };
 int current_device_facts(DeviceFacts* facts);  // cudaError_t as int
 

@@ -1,6 +1,6 @@
 // What the GroupNorm files share: the path hooks (fdm_group_norm_set_path / fdm_group_norm_last_path in norms.cu,
 // honoured by the NCHW entry there and the channels-last one in group_norm_nhwc.cu) and the one-pass Hopper kernels
-// of kernels/sm90/group_norm_sm90.cu that both entries try first.
+// both entries try first (kernels/sm90/group_norm_sm90.cu, and for channels-last group_norm_resident_sm90.cu).
 #pragma once
 #include "common.cuh"
 #include "gemm.cuh"  // current_device_facts

@@ -270,25 +270,21 @@ int launch_gn_nhwc(const void* x, const void* w, const void* bias, void* y, floa
                    int64_t S, int64_t C, int G, float eps, bool silu_act, cudaStream_t stream) {
   const RowShape sh = row_shape(C, G, V);
   const size_t smem = stats_smem_bytes(sh, V, C);
-  int dev = 0;
-  if (cudaError_t e = cudaGetDevice(&dev)) return static_cast<int>(e);
+  DeviceFacts facts;
+  if (const int e = current_device_facts(&facts)) return e;
   if (smem > 48 * 1024) {  // wide rows (C above ~4000): needs the opt-in shared memory size
-    int optin = 0;
-    if (cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev))
-      return static_cast<int>(e);
-    if (smem > static_cast<size_t>(optin))
+    if (smem > static_cast<size_t>(facts.smem_optin))
       return arg_error("fdm_group_norm_nhwc: %lld channels need %zu bytes of shared memory, the GPU allows %d",
-                       (long long)C, smem, optin);
-    if (cudaError_t e = cudaFuncSetAttribute(gn_nhwc_stats_kernel<T, V>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)))
+                       (long long)C, smem, facts.smem_optin);
+    int dev = 0;
+    if (cudaError_t e = cudaGetDevice(&dev)) return static_cast<int>(e);
+    if (cudaError_t e = allow_smem_optin<gn_nhwc_stats_kernel<T, V>>(dev, facts.smem_optin, false))
       return static_cast<int>(e);
   }
   // Chunks: one full wave of resident statistics blocks over the batch (every block the same size, so all SMs
   // finish together and there is a single reduction epilogue per block slot), at most the caller's `chunks`.
   int occ = 0;
   if (cudaError_t e = resident_blocks<gn_nhwc_stats_kernel<T, V>>(sh.threads, smem, &occ)) return static_cast<int>(e);
-  DeviceFacts facts;
-  if (const int e = current_device_facts(&facts)) return e;
   const int64_t wave = int64_t{occ > 1 ? occ : 1} * facts.sm_count / N;
   const int64_t want = wave < 1 ? 1 : (wave < chunks ? wave : chunks);
   const int64_t rpc = ceil_div(S, want);

@@ -947,6 +947,6 @@ FDM_API int fdm_group_norm_set_path(int path) {
   return 0;
 }
 
-// The path (1 one-pass cluster, 2 two-pass / three-kernel, 3 whole tensor on chip) the last group_norm call of either layout ran, on any thread; a
-// query, not a status.
+// The path (1 one-pass cluster, 2 two-pass / three-kernel, 3 whole tensor on chip) the last group_norm call of either
+// layout ran, on any thread; a query, not a status.
 FDM_API int fdm_group_norm_last_path() { return g_gn_last_path; }

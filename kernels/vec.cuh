@@ -254,6 +254,23 @@ cudaError_t resident_blocks(int threads, size_t smem, int* blocks) {
   return cudaSuccess;
 }
 
+// Lets kKernel take `optin` bytes of dynamic shared memory (and, with nonportable_clusters, clusters of more than 8
+// CTAs) on device `dev`, setting the attributes once per device: they are host calls a launcher's hot path need not
+// repeat.
+template <auto kKernel>
+cudaError_t allow_smem_optin(int dev, int optin, bool nonportable_clusters) {
+  static std::mutex mutex;
+  static uint64_t done = 0;  // devices (bit per ordinal) where the attributes are set
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (done >> dev & 1) return cudaSuccess;
+  if (cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin)) return e;
+  if (nonportable_clusters)
+    if (cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1)) return e;
+  done |= uint64_t{1} << dev;
+  return cudaSuccess;
+}
+
 // Threads for one block that walks a row of `nvec` vectors: at most 256, as few loop trips as possible,
 // a multiple of the warp size.
 inline int row_block_threads(int64_t nvec) {

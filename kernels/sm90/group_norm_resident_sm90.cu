@@ -17,9 +17,6 @@
 // sample merges the same partials in the same order, so all of them normalize with the same bits.
 #include <cooperative_groups.h>
 
-#include <mutex>
-#include <vector>
-
 #include "bulk_copy.cuh"
 #include "common.cuh"
 #include "group_norm.cuh"
@@ -298,27 +295,15 @@ inline bool plan_resident(int64_t N, int64_t S, int64_t C, int G, int elem, int 
   return true;
 }
 
-// Whether the device holds N * ctas CTAs of kKernel at (threads, smem) at once; the first call on a device lets the
+// Whether the device holds `ctas` CTAs of kKernel at (threads, smem) at once; the first call on a device lets the
 // kernel take the largest shared memory. Occupancy is asked once per (device, threads, smem) (resident_blocks).
 template <auto kKernel>
-bool all_resident(int threads, uint32_t smem, int64_t ctas, int sms) {
-  static std::mutex mutex;
-  static uint64_t prepared = 0;  // devices (bit per ordinal) where the attribute is set
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return false;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (!(prepared >> dev & 1)) {
-      int optin = 0;
-      if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-          cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin) != cudaSuccess)
-        return false;
-      prepared |= uint64_t{1} << dev;
-    }
-  }
-  int per_sm = 0;
-  if (resident_blocks<kKernel>(threads, smem, &per_sm) != cudaSuccess) return false;
-  return ctas <= int64_t{per_sm} * sms;
+bool all_resident(int threads, uint32_t smem, int64_t ctas, const DeviceFacts& facts) {
+  int dev = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || allow_smem_optin<kKernel>(dev, facts.smem_optin, false) != cudaSuccess ||
+      resident_blocks<kKernel>(threads, smem, &per_sm) != cudaSuccess)
+    return false;
+  return ctas <= int64_t{per_sm} * facts.sm_count;
 }
 
 template <typename T, bool kSilu>
@@ -326,17 +311,11 @@ int launch_resident(const void* x, const void* w, const void* b, void* y, float*
                     int64_t S, int64_t C, int G, float eps, cudaStream_t stream) {
   DeviceFacts dev;
   if (current_device_facts(&dev) != 0) return kGroupNormSm90Declined;
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();
-    return kGroupNormSm90Declined;
-  }
   ResidentPlan p;
-  if (!plan_resident(N, S, C, G, static_cast<int>(sizeof(T)), dev.sm_count, optin, chunks, &p))
+  if (!plan_resident(N, S, C, G, static_cast<int>(sizeof(T)), dev.sm_count, dev.smem_optin, chunks, &p))
     return kGroupNormSm90Declined;
   constexpr auto kKernel = group_norm_resident_nhwc_kernel<T, kSilu>;
-  if (!all_resident<kKernel>(p.threads, p.smem, int64_t{p.ctas} * N, dev.sm_count)) {
+  if (!all_resident<kKernel>(p.threads, p.smem, int64_t{p.ctas} * N, dev)) {
     cudaGetLastError();  // a query's failure is not the caller's error
     return kGroupNormSm90Declined;
   }
@@ -366,7 +345,7 @@ int launch_resident(const void* x, const void* w, const void* b, void* y, float*
 int group_norm_nhwc_resident_sm90(const void* x, const void* w, const void* b, void* y, void* ws, int chunks,
                                   int64_t N, int64_t S, int64_t C, int G, float eps, bool silu_act, int dtype,
                                   cudaStream_t stream) {
-  if (!aligned16(x) || !aligned16(y) || !aligned16(ws) || (w && !aligned16(w)) || (b && !aligned16(b)) || S > INT32_MAX || C > INT32_MAX ||
+  if (!aligned16(x) || !aligned16(y) || !aligned16(ws) || (w && !aligned16(w)) || (b && !aligned16(b)) ||
       S * C > int64_t{INT32_MAX})
     return kGroupNormSm90Declined;
   FDM_DISPATCH_FLOAT(dtype, {

@@ -326,21 +326,14 @@ int resident_clusters(const cudaLaunchConfig_t& cfg) {
   };
   static std::mutex mutex;
   static std::vector<Entry> known;
-  static uint64_t prepared = 0;  // devices (bit per ordinal) where the attributes are set
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return 0;
+  DeviceFacts facts;
+  if (cudaGetDevice(&dev) != cudaSuccess || current_device_facts(&facts) != 0) return 0;
   const unsigned ranks = cfg.attrs[0].val.clusterDim.x;
   std::lock_guard<std::mutex> lock(mutex);
   for (const Entry& e : known)
     if (e.dev == dev && e.ranks == ranks && e.smem == cfg.dynamicSmemBytes) return e.clusters;
-  if (!(prepared >> dev & 1)) {
-    int optin = 0;
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin) != cudaSuccess ||
-        cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
-      return 0;
-    prepared |= uint64_t{1} << dev;
-  }
+  if (allow_smem_optin<kKernel>(dev, facts.smem_optin, true) != cudaSuccess) return 0;
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kKernel, &cfg) != cudaSuccess) clusters = 0;
   if (known.size() < 256) known.push_back({dev, ranks, cfg.dynamicSmemBytes, clusters});

@@ -94,6 +94,11 @@ enum Sm90Kernel : int {
   kSm90Coop192x192,      // cooperative 192x192x64, cluster 2x1 (B multicast), stream-K scheduler, the warp groups
                          // splitting the tile along N (192x96 each): cuBLAS's tiling for the large FLUX GEMMs
   kSm90Coop192x192Lean,  // kSm90Coop192x192 with the epilogue that never reads C: plain linear only (no gate)
+  // Hand-written PTX kernels (gemm_sm90_wgmma.cu), plain linears only, always data-parallel; `swizzle` is the
+  // height of the band of cluster rows the tiles walk down before moving along N.
+  kSm90Wgmma128x256,  // 128x256x64, cluster 2x1 (B multicast), warp groups splitting M (64x256 wgmmas)
+  kSm90Wgmma192x192,  // 192x192x64, cluster 2x1 (B multicast), warp groups splitting N (64x96 wgmmas)
+  kSm90Wgmma128x160,  // 128x160x64, cluster 2x1 (B multicast), warp groups splitting M (64x160 wgmmas)
   kSm90KernelCount
 };
 
@@ -105,7 +110,7 @@ enum Sm90Decomp : int {
 
 enum Sm90Raster : int {
   kRasterAuto = 0,  // direction and swizzle from a DRAM-traffic estimate (sm90_auto_raster in gemm_sm90.cu)
-  kRasterAlongM,    // consecutive CTAs walk down M (reuse a few B column blocks)
+  kRasterAlongM,    // consecutive CTAs walk down M (reuse a few B column blocks); the only order of the wgmma kernels
   kRasterAlongN,    // consecutive CTAs walk along N (reuse a few A row blocks)
 };
 
@@ -113,7 +118,8 @@ struct Sm90Config {
   Sm90Kernel kernel;
   Sm90Decomp decomp;
   Sm90Raster raster;
-  int swizzle;  // CUTLASS max_swizzle_size (1, 2, 4, 8); ignored with kRasterAuto, which picks its own
+  int swizzle;  // CUTLASS max_swizzle_size (1, 2, 4, 8); ignored with kRasterAuto, which picks its own. The wgmma
+                // kernels: band height in cluster rows
 };
 
 // Every configuration, by index (fdm_gemm_sm90_set_config, the winners table in gemm.cu). Append new ones at the
@@ -143,15 +149,25 @@ inline constexpr Sm90Config kSm90Configs[] = {
     {kSm90Coop192x192, kDecompHeuristic, kRasterAuto, 1},          // 21
     {kSm90Coop192x192Lean, kDecompDataParallel, kRasterAuto, 1},   // 22
     {kSm90Coop192x192Lean, kDecompHeuristic, kRasterAuto, 1},      // 23
+    {kSm90Wgmma128x256, kDecompDataParallel, kRasterAlongM, 8},    // 24
+    {kSm90Wgmma128x256, kDecompDataParallel, kRasterAlongM, 16},   // 25
+    {kSm90Wgmma192x192, kDecompDataParallel, kRasterAlongM, 8},    // 26
+    {kSm90Wgmma192x192, kDecompDataParallel, kRasterAlongM, 16},   // 27
+    {kSm90Wgmma128x160, kDecompDataParallel, kRasterAlongM, 8},    // 28
 };
 inline constexpr int kSm90ConfigCount = int(sizeof(kSm90Configs) / sizeof(kSm90Configs[0]));
 
-// The C-reading kernel a lean (C-free epilogue) kernel is the sibling of; any other kernel itself.
+// The C-reading kernel of the same tiling that serves a lean (C-free epilogue) or wgmma kernel's gated problems;
+// any other kernel itself.
 inline constexpr Sm90Kernel sm90_full_kernel(Sm90Kernel k) {
-  return k == kSm90Coop128x256Lean ? kSm90Coop128x256 : k == kSm90Coop192x192Lean ? kSm90Coop192x192 : k;
+  return k == kSm90Coop128x256Lean || k == kSm90Wgmma128x256   ? kSm90Coop128x256
+         : k == kSm90Coop192x192Lean || k == kSm90Wgmma192x192 ? kSm90Coop192x192
+         : k == kSm90Wgmma128x160                              ? kSm90Coop128x160
+                                                                : k;
 }
 
-// Whether a configuration can run gated problems (gate/residual set): the lean epilogues have no C operand.
+// Whether a configuration can run gated problems (gate/residual set): the lean and wgmma epilogues have no C
+// operand.
 inline constexpr bool sm90_config_takes_gate(const Sm90Config& c) { return sm90_full_kernel(c.kernel) == c.kernel; }
 
 // sm90 (kernels/sm90/gemm_sm90*.cu; declared only where they are compiled in). Returns kGemmNotSupported when

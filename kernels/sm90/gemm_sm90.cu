@@ -1,6 +1,7 @@
 // linear on Hopper (sm_90a): the dispatch to the kernel of a configuration (gemm.cuh, kSm90Configs), the tile
 // order model behind kRasterAuto, and the stream-K workspace. The kernels themselves are
-// gemm_sm90_<kernel>.cu, one translation unit each, built from the template in gemm_sm90_kernel.cuh.
+// gemm_sm90_<kernel>.cu, one translation unit each, built from the template in gemm_sm90_kernel.cuh (CUTLASS), and
+// gemm_sm90_wgmma.cu (hand-written PTX).
 #include "gemm_sm90_dispatch.cuh"
 
 #include <mutex>
@@ -150,6 +151,9 @@ int linear_sm90(const LinearProblem& p, const Sm90Config& config, int sm_count, 
     case kSm90Coop128x160: return sm90::run_coop128x160(p, config, sm_count, stream);
     case kSm90Coop192x192: return sm90::run_coop192x192(p, config, sm_count, stream);
     case kSm90Coop192x192Lean: return sm90::run_coop192x192lean(p, config, sm_count, stream);
+    case kSm90Wgmma128x256: return sm90::run_wgmma128x256(p, config, sm_count, stream);
+    case kSm90Wgmma192x192: return sm90::run_wgmma192x192(p, config, sm_count, stream);
+    case kSm90Wgmma128x160: return sm90::run_wgmma128x160(p, config, sm_count, stream);
     default: return kGemmNotSupported;
   }
 }

@@ -1,0 +1,529 @@
+// sm90 linear kernel written directly in PTX (no CUTLASS): out = act(x @ w^T + bias), 16-bit, plain linears only.
+//
+// Why a second kernel family beside the CUTLASS ones: at the FLUX / SDXL / Wan shapes the CUTLASS cooperative
+// kernels ran 5-10% behind cuBLAS with the same wgmma shapes, executing ~25% more instructions (session 9 ncu),
+// most of it pipeline bookkeeping. This kernel is the same dataflow with nothing else in it.
+//
+// Shape of the work. A cluster of two CTAs (one an SM, persistent) walks output tile pairs: CTA rank r takes the
+// 128 x 256 tile at tile row 2 pm + r, tile column tn, so both need the same 256 x K slice of w. Per 64-wide k-block:
+//   - producer (warp 0 of warp group 0, one thread): waits until the stage is free in both CTAs, then TMA-loads
+//     its 128 x 64 x-tile and half (128 rows) of the 256 x 64 w-tile, the latter multicast into both CTAs;
+//   - consumers (warp groups 1 and 2): each owns 64 rows of the tile, waits for the stage, issues four
+//     wgmma.m64n256k16 from shared memory (128B-swizzled K-major operands), keeps one k-block of wgmmas in flight
+//     and frees the previous stage in both CTAs (the peer's producer writes into it too).
+// Epilogue (consumers, per tile): acc + bias, activation, rounded to 16 bits into a 128B-swizzled shared buffer in
+// two 64 x 128 halves, each written out by TMA stores that drain while the next tile's mainloop runs. The producer
+// is already loading the next tile's stages meanwhile. Edges cost nothing: TMA zero-fills out-of-range loads and
+// clips stores, so any M, N % 8 == 0 and K % 8 == 0 work.
+#include "bulk_copy.cuh"
+#include "gemm_sm90_dispatch.cuh"
+
+#include <cuda.h>
+
+#include <mutex>
+#include <type_traits>
+
+namespace fdm {
+namespace sm90 {
+namespace {
+
+constexpr int kTileK = 64;
+constexpr int kThreads = 384;          // producer warp group + two consumer warp groups
+constexpr int kEmptyArrivals = 2 * 8;  // every consumer warp of both CTAs frees a stage
+constexpr int kBoxBytes = 64 * 32 * 2; // an epilogue store box: 64 rows x 32 columns of 16-bit values
+constexpr int kRing = 4;               // epilogue boxes in flight per consumer (a ring of shared buffers)
+
+// A CTA tile of kM x kN, k-blocks of 64. The two consumer warp groups split it along M (64 rows each, one
+// wgmma of 64 x kN a k-step) or along N (kN/2 columns each, kM/64 wgmmas of 64 x kN/2 a k-step).
+template <int kM_, int kN_, bool kSplitN_>
+struct Tiling {
+  static constexpr int kM = kM_, kN = kN_;
+  static constexpr bool kSplitN = kSplitN_;
+  static constexpr int kRows = kSplitN ? kM : 64;     // a consumer's rows
+  static constexpr int kCols = kSplitN ? kN / 2 : kN;  // a consumer's columns (the wgmma N)
+  static constexpr int kAtoms = kRows / 64;            // wgmmas a k-step
+  static constexpr int kAccPerAtom = kCols / 2;        // fp32 accumulators a thread holds per atom
+  static constexpr int kStageBytesA = kM * kTileK * 2;
+  static constexpr int kStageBytesB = kN * kTileK * 2;
+  static constexpr int kHalfBytesB = kStageBytesB / 2;  // one CTA's multicast share of the w tile
+  static constexpr int kEpilogueBytes = 2 * kRing * kBoxBytes;
+  // As many stages as fit beside the epilogue ring, the barriers and the base alignment slack.
+  static constexpr int kStages = (232448 - 1024 - kEpilogueBytes - 256) / (kStageBytesA + kStageBytesB);
+  static constexpr int kOffsetB = kStages * kStageBytesA;
+  static constexpr int kOffsetEpilogue = kOffsetB + kStages * kStageBytesB;
+  static constexpr int kOffsetBarriers = kOffsetEpilogue + kEpilogueBytes;
+  static constexpr int kSmemBytes = kOffsetBarriers + 2 * kStages * 8 + 1024;
+  static_assert(kStages >= 3 && kSmemBytes <= 232448, "too little shared memory for a pipeline");
+  static_assert(kM % 64 == 0 && kCols % 32 == 0 && (kN / 2) % 8 == 0);
+  static_assert(kStageBytesA % 1024 == 0 && kHalfBytesB % 1024 == 0 && (kCols * 128) % 1024 == 0,
+                "operand tiles must start on the 1024-byte period of the 128B swizzle");
+};
+
+// ---- PTX wrappers --------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// Arrive on the mbarrier at the same shared-memory offset in cluster CTA `rank` (this CTA included).
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+  asm volatile(
+      "{\n\t.reg .b32 remote;\n\t"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n\t"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}" ::"r"(smem_addr(bar)),
+      "r"(rank)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+// The same box into every CTA of `mask`, at dst's offset, completing on bar's offset in each.
+__device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                                   uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(map),
+               "r"(smem_addr(src)), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+// Generic-proxy shared-memory writes visible to the TMA (async proxy) before a store reads them.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Shared-memory matrix descriptor of a K-major operand in 128B-swizzled rows of 64 16-bit values (what the TMA
+// writes with CU_TENSOR_MAP_SWIZZLE_128B): start address, stride of 1024 bytes between 8-row core-matrix groups,
+// swizzle mode 1 (128B). The leading-byte offset is unused for swizzled K-major layouts. Adding 2 moves the start
+// by 32 bytes: the next 16 values of K.
+__device__ __forceinline__ uint64_t sw128_desc(const void* tile) {
+  const uint64_t addr = smem_addr(tile);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+#define FDM_WGMMA_D48                                                                                              \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "  \
+  "%46, %47}"
+#define FDM_WGMMA_D80 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, " \
+  "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, " \
+  "%68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79}"
+#define FDM_WGMMA_D128                                                                                              \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "  \
+  "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, "  \
+  "%68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, "  \
+  "%90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, "  \
+  "%110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
+#define FDM_F8(d, i) \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define FDM_F48(d, i) FDM_F8(d, i), FDM_F8(d, i + 8), FDM_F8(d, i + 16), FDM_F8(d, i + 24), FDM_F8(d, i + 32), \
+                      FDM_F8(d, i + 40)
+#define FDM_F80(d, i) FDM_F48(d, i), FDM_F8(d, i + 48), FDM_F8(d, i + 56), FDM_F8(d, i + 64), FDM_F8(d, i + 72)
+#define FDM_F64(d, i) FDM_F8(d, i), FDM_F8(d, i + 8), FDM_F8(d, i + 16), FDM_F8(d, i + 24), \
+                      FDM_F8(d, i + 32), FDM_F8(d, i + 40), FDM_F8(d, i + 48), FDM_F8(d, i + 56)
+// `ops`: the asm operand numbers of a, b and accumulate, which follow the accumulators.
+#define FDM_WGMMA(pa, pb, pc, type, list, ...)                                                  \
+  asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, " pc ", 0;\n\t"                            \
+               "wgmma.mma_async.sync.aligned.m64n" type " " list ", " pa ", " pb ", p, 1, 1, 0, 0;\n}" \
+               : __VA_ARGS__                                                                    \
+               : "l"(a), "l"(b), "r"(accumulate))
+
+// d[64 x N] (+)= a[64 x 16] b[N x 16]^T, both operands K-major in shared memory; accumulate == 0 overwrites d.
+// N = 2 x the accumulator count (96, 160 or 256).
+template <typename E, int kAcc>
+__device__ __forceinline__ void wgmma_k16(float (&d)[kAcc], uint64_t a, uint64_t b, int accumulate) {
+  constexpr bool bf16 = std::is_same_v<E, __nv_bfloat16>;
+  if constexpr (kAcc == 128 && bf16) {
+    FDM_WGMMA("%128", "%129", "%130", "256k16.f32.bf16.bf16", FDM_WGMMA_D128, FDM_F64(d, 0), FDM_F64(d, 64));
+  } else if constexpr (kAcc == 128) {
+    FDM_WGMMA("%128", "%129", "%130", "256k16.f32.f16.f16", FDM_WGMMA_D128, FDM_F64(d, 0), FDM_F64(d, 64));
+  } else if constexpr (kAcc == 80 && bf16) {
+    FDM_WGMMA("%80", "%81", "%82", "160k16.f32.bf16.bf16", FDM_WGMMA_D80, FDM_F80(d, 0));
+  } else if constexpr (kAcc == 80) {
+    FDM_WGMMA("%80", "%81", "%82", "160k16.f32.f16.f16", FDM_WGMMA_D80, FDM_F80(d, 0));
+  } else if constexpr (kAcc == 48 && bf16) {
+    FDM_WGMMA("%48", "%49", "%50", "96k16.f32.bf16.bf16", FDM_WGMMA_D48, FDM_F48(d, 0));
+  } else if constexpr (kAcc == 48) {
+    FDM_WGMMA("%48", "%49", "%50", "96k16.f32.f16.f16", FDM_WGMMA_D48, FDM_F48(d, 0));
+  } else {
+    static_assert(kAcc == 128 || kAcc == 80 || kAcc == 48, "wgmma N of 96, 160 or 256 only");
+  }
+}
+#undef FDM_WGMMA
+#undef FDM_F64
+#undef FDM_F80
+#undef FDM_F48
+#undef FDM_F8
+#undef FDM_WGMMA_D128
+#undef FDM_WGMMA_D80
+#undef FDM_WGMMA_D48
+
+// Same activation forms as the CUTLASS epilogue (gemm_sm90_kernel.cuh epilogue_act): fast exp, exact limits. The
+// activation is a template argument: a run-time switch per element made the unrolled epilogue ~9000 instructions.
+template <int Act>
+__device__ __forceinline__ float act_fast(float x) {
+  if constexpr (Act == kActGeluTanh) {
+    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return __fdividef(x, 1.0f + __expf(-2.0f * u));
+  } else if constexpr (Act == kActGelu) {
+    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+  } else if constexpr (Act == kActSilu) {
+    return __fdividef(x, 1.0f + __expf(-x));
+  } else {
+    return x;
+  }
+}
+
+template <typename E>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same_v<E, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+template <typename E>
+__device__ __forceinline__ float2 unpack2(uint32_t u) {
+  if constexpr (std::is_same_v<E, __nv_bfloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
+  } else {
+    return __half22float2(*reinterpret_cast<__half2*>(&u));
+  }
+}
+
+// The tile pair a cluster works on at step `pair`: pairs walk down `group` pair-rows, then along N, then to the
+// next band of pair-rows, so a wave of clusters shares few x-rows and few w-columns (L2 reuse).
+struct TileWalk {
+  int pair_rows, tiles_n, group;
+  __device__ __forceinline__ void locate(int pair, int* pm, int* tn) const {
+    const int band = pair / (group * tiles_n);
+    const int first = band * group;
+    const int rows = min(group, pair_rows - first);
+    const int q = pair - first * tiles_n;
+    *pm = first + q % rows;
+    *tn = q / rows;
+  }
+};
+
+struct KernelArgs {
+  const void* bias;  // [N] or null
+  int N, k_blocks, pairs;
+  TileWalk walk;
+};
+
+template <typename T, typename E, int Act>
+__global__ void __launch_bounds__(kThreads, 1)
+    wgmma_linear_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
+                        const __grid_constant__ CUtensorMap map_out, const KernelArgs args) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kOffsetBarriers);
+  uint64_t* empty = full + T::kStages;
+
+  const int warp_group = threadIdx.x / 128;
+  const uint32_t rank = cluster_rank();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < T::kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kEmptyArrivals);
+    }
+    fence_barrier_init();
+  }
+  cluster_sync();  // both CTAs' barriers exist before anyone signals them
+
+  const int cluster = blockIdx.x / 2, clusters = gridDim.x / 2;
+  if (warp_group == 0) {
+    setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) {
+      int s = 0;
+      uint32_t phase = 0;
+      for (int pair = cluster; pair < args.pairs; pair += clusters) {
+        int pm, tn;
+        args.walk.locate(pair, &pm, &tn);
+        const int m0 = (2 * pm + int(rank)) * T::kM, n0 = tn * T::kN;
+        for (int kb = 0; kb < args.k_blocks; ++kb) {
+          mbar_wait(&empty[s], phase ^ 1);
+          mbar_expect_tx(&full[s], T::kStageBytesA + T::kStageBytesB);
+          tma_load(smem + s * T::kStageBytesA, &map_x, &full[s], kb * kTileK, m0);
+          tma_load_multicast(smem + T::kOffsetB + s * T::kStageBytesB + rank * T::kHalfBytesB, &map_w, &full[s],
+                             kb * kTileK, n0 + int(rank) * (T::kN / 2), 0x3);
+          if (++s == T::kStages) {
+            s = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    setmaxnreg_inc<232>();
+    const int consumer = warp_group - 1;
+    const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
+    // This consumer's rows and columns within the tile, and its slices of the stage buffers.
+    const int row0 = T::kSplitN ? 0 : 64 * consumer, col0 = T::kSplitN ? T::kCols * consumer : 0;
+    uint8_t* ring = smem + T::kOffsetEpilogue + consumer * (kRing * kBoxBytes);
+    const E* bias = static_cast<const E*>(args.bias);
+    float acc[T::kAtoms][T::kAccPerAtom];
+    int s = 0;
+    uint32_t phase = 0;
+    uint32_t boxes = 0;  // epilogue boxes this consumer has stored: the next one goes to ring slot boxes % kRing
+    for (int pair = cluster; pair < args.pairs; pair += clusters) {
+      int pm, tn;
+      args.walk.locate(pair, &pm, &tn);
+      const int m0 = (2 * pm + int(rank)) * T::kM, n0 = tn * T::kN;
+      // This tile's bias pairs, fetched now so the loads land during the mainloop: the pair for 8-column group i is
+      // columns 8 i + 2 (lane % 4) + {0, 1} of this consumer's columns.
+      uint32_t bias2[T::kCols / 8];
+#pragma unroll
+      for (int i = 0; i < T::kCols / 8; ++i) {
+        const int col = n0 + col0 + 8 * i + 2 * (lane % 4);
+        bias2[i] = bias && col < args.N ? __ldg(reinterpret_cast<const unsigned int*>(bias + col)) : 0u;
+      }
+
+      int prev = -1;
+      for (int kb = 0; kb < args.k_blocks; ++kb) {
+        mbar_wait(&full[s], phase);
+        const uint64_t da = sw128_desc(smem + s * T::kStageBytesA + row0 * 128);
+        const uint64_t db = sw128_desc(smem + T::kOffsetB + s * T::kStageBytesB + col0 * 128);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < kTileK / 16; ++j) {
+#pragma unroll
+          for (int a = 0; a < T::kAtoms; ++a)
+            wgmma_k16<E>(acc[a], da + (a * 64 * 128 >> 4) + 2 * j, db + 2 * j, kb | j);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous k-block's wgmmas are done: free its stage in both CTAs
+        if (prev >= 0 && lane == 0) {
+          mbar_arrive_cluster(&empty[prev], 0);
+          mbar_arrive_cluster(&empty[prev], 1);
+        }
+        prev = s;
+        if (++s == T::kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+      wgmma_wait<0>();
+      if (prev >= 0 && lane == 0) {
+        mbar_arrive_cluster(&empty[prev], 0);
+        mbar_arrive_cluster(&empty[prev], 1);
+      }
+
+      // Epilogue, one store box (64 rows x 32 columns) at a time through a ring of kRing shared buffers, so
+      // boxes are written while earlier ones drain to global memory. In atom a, thread (warp, lane) holds rows
+      // warp*16 + lane/4 (+8) and, for 8-column group i, acc[a][4 i + {0, 1}] on the first row and
+      // acc[a][4 i + {2, 3}] on the second. One barrier a box: when every thread has passed box j's barrier,
+      // thread 0 has seen the stores of boxes up to j + 2 - kRing leave their buffers (it waits right after
+      // issuing each store), so the slots of boxes j + 1 and j + 2 are free.
+      const int row = warp * 16 + lane / 4;
+#pragma unroll
+      for (int a = 0; a < T::kAtoms; ++a) {
+#pragma unroll
+        for (int box = 0; box < T::kCols / 32; ++box) {
+          uint8_t* buf = ring + (boxes % kRing) * kBoxBytes;
+#pragma unroll
+          for (int g = 0; g < 4; ++g) {
+            const int i = 4 * box + g;
+            const float2 b = unpack2<E>(bias2[i]);
+            const float* v = &acc[a][4 * i];
+            const uint32_t lo = pack2<E>(act_fast<Act>(v[0] + b.x), act_fast<Act>(v[1] + b.y));
+            const uint32_t hi = pack2<E>(act_fast<Act>(v[2] + b.x), act_fast<Act>(v[3] + b.y));
+            // 16-byte chunk g of the row's 64 bytes, swizzled (64B) by bits 1-2 of the row; rows r and r + 8 share
+            // the pattern.
+            const int chunk = ((g ^ ((row / 2) % 4)) * 16) + 4 * (lane % 4);
+            *reinterpret_cast<uint32_t*>(buf + row * 64 + chunk) = lo;
+            *reinterpret_cast<uint32_t*>(buf + (row + 8) * 64 + chunk) = hi;
+          }
+          fence_proxy_async();
+          named_barrier(1 + consumer, 128);
+          if (t == 0) {
+            tma_store(&map_out, buf, n0 + col0 + 32 * box, m0 + row0 + 64 * a);
+            bulk_commit();
+            bulk_wait_read<kRing - 2>();
+          }
+          ++boxes;
+        }
+      }
+    }
+    if (t == 0) bulk_wait<0>();
+  }
+  cluster_sync();  // the peer may still signal our barriers or multicast into our stages until it is done
+}
+
+// ---- host side ---------------------------------------------------------------------------------------------------
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      p = nullptr;
+    }
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// A row-major [rows, cols] 16-bit matrix moved in boxes of box_rows x box_cols: loads 64 columns (128-byte rows,
+// 128B swizzle, as wgmma reads them), stores 32 (64-byte rows, 64B swizzle, as the epilogue writes them).
+bool make_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, int box_rows, bool bf16, bool load) {
+  EncodeTiled encode = encode_tiled();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(cols) * 2};
+  const cuuint32_t box[2] = {load ? 64u : 32u, cuuint32_t(box_rows)};
+  const cuuint32_t unit[2] = {1, 1};
+  return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                load ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
+                load ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Clusters of two that can be resident at once, asked once per device: every tiling takes a whole SM's shared
+// memory (one CTA an SM), so the answer is the same for all.
+int resident_pairs(const void* kernel, const cudaLaunchConfig_t& base) {
+  static std::mutex mutex;
+  static int cached[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cached[device] == 0) {
+    cudaLaunchConfig_t cfg = base;
+    cfg.gridDim = dim3(2);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
+      cudaGetLastError();
+      return 0;
+    }
+    cached[device] = clusters;
+  }
+  return cached[device];
+}
+
+template <typename T, typename E, int Act>
+int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
+  const bool bf16 = std::is_same_v<E, __nv_bfloat16>;
+  CUtensorMap map_x, map_w, map_out;
+  if (!make_map(&map_x, p.x, p.M, p.K, T::kM, bf16, true) || !make_map(&map_w, p.w, p.N, p.K, T::kN / 2, bf16, true) ||
+      !make_map(&map_out, p.out, p.M, p.N, 64, bf16, false))
+    return kGemmNotSupported;
+
+  const auto kernel = wgmma_linear_kernel<T, E, Act>;
+  static bool attribute_set[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return launch_status();
+  if (device < 64 && !attribute_set[device]) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes) != cudaSuccess)
+      return launch_status();
+    attribute_set[device] = true;
+  }
+
+  const int tiles_m = int(ceil_div(p.M, T::kM)), tiles_n = int(ceil_div(p.N, T::kN));
+  KernelArgs args = {};
+  args.bias = p.bias;
+  args.N = int(p.N);
+  args.k_blocks = int(ceil_div(p.K, kTileK));
+  args.walk.pair_rows = (tiles_m + 1) / 2;
+  args.walk.tiles_n = tiles_n;
+  args.walk.group = c.swizzle > 0 ? c.swizzle : 8;
+  args.pairs = args.walk.pair_rows * tiles_n;
+
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 2;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = T::kSmemBytes;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  const int resident = resident_pairs(reinterpret_cast<const void*>(kernel), cfg);
+  if (resident <= 0) return kGemmNotSupported;
+  cfg.gridDim = dim3(2 * (args.pairs < resident ? args.pairs : resident));
+  if (cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, map_out, args) != cudaSuccess) return launch_status();
+  return 0;
+}
+
+template <typename T, typename E>
+int launch_act(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
+  switch (p.act) {
+    case kActNone: return launch<T, E, kActNone>(p, c, stream);
+    case kActGeluTanh: return launch<T, E, kActGeluTanh>(p, c, stream);
+    case kActGelu: return launch<T, E, kActGelu>(p, c, stream);
+    case kActSilu: return launch<T, E, kActSilu>(p, c, stream);
+    default: return kGemmNotSupported;
+  }
+}
+
+template <typename T>
+int launch_tiling(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
+  if (p.gate || p.residual || p.K <= 0 || p.M <= 0 || p.N <= 0) return kGemmNotSupported;
+  if (p.dtype == FDM_BF16) return launch_act<T, __nv_bfloat16>(p, c, stream);
+  if (p.dtype == FDM_F16) return launch_act<T, __half>(p, c, stream);
+  return kGemmNotSupported;
+}
+
+}  // namespace
+
+// The grid is as many clusters as the device holds at once, so sm_count is not needed.
+int run_wgmma128x256(const LinearProblem& p, const Sm90Config& c, int, cudaStream_t stream) {
+  return launch_tiling<Tiling<128, 256, false>>(p, c, stream);
+}
+int run_wgmma192x192(const LinearProblem& p, const Sm90Config& c, int, cudaStream_t stream) {
+  return launch_tiling<Tiling<192, 192, true>>(p, c, stream);
+}
+int run_wgmma128x160(const LinearProblem& p, const Sm90Config& c, int, cudaStream_t stream) {
+  return launch_tiling<Tiling<128, 160, false>>(p, c, stream);
+}
+
+}  // namespace sm90
+}  // namespace fdm

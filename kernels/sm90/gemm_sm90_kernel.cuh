@@ -12,6 +12,7 @@
 //
 // gemm.cu launches one problem per batch for the gated form, so a gate row is constant within a launch.
 #pragma once
+#include "epilogue_act.cuh"
 #include "gemm_sm90_dispatch.cuh"
 
 #include "cute/tensor.hpp"
@@ -36,23 +37,6 @@ namespace fusion = cutlass::epilogue::fusion;
 struct ActArguments {
   int act = kActNone;
 };
-
-// Epilogue activations for 16-bit outputs. gelu_tanh and silu use the sigmoid form x * sigmoid(z) with the hardware
-// exp2 and a fast divide (0.5 x (1 + tanh u) == x / (1 + exp(-2u))): branch-free, about 1e-6 relative error, far
-// below a bf16/fp16 ulp, and much cheaper than tanhf/expf. The limits are exact: exp overflowing to inf gives 0.
-template <int Act>
-__device__ __forceinline__ float epilogue_act(float x) {
-  if constexpr (Act == kActGeluTanh) {
-    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);  // sqrt(2/pi) (x + 0.044715 x^3)
-    return __fdividef(x, 1.0f + __expf(-2.0f * u));
-  } else if constexpr (Act == kActGelu) {
-    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-  } else if constexpr (Act == kActSilu) {
-    return __fdividef(x, 1.0f + __expf(-x));
-  } else {
-    return x;
-  }
-}
 
 // EVT compute node: gate * act(acc + bias), with the activation picked by a kernel argument.
 // Sm90Compute hands the node its Arguments when the functor declares them. CUTLASS calls the fragment

@@ -1,21 +1,25 @@
-// sm90 linear kernel written directly in PTX (no CUTLASS): out = act(x @ w^T + bias), 16-bit, plain linears only.
+// sm90 linear kernels written directly in PTX (no CUTLASS): out = act(x @ w^T + bias), 16-bit, plain linears only
+// (gated residuals run the CUTLASS kernels).
 //
 // Why a second kernel family beside the CUTLASS ones: at the FLUX / SDXL / Wan shapes the CUTLASS cooperative
 // kernels ran 5-10% behind cuBLAS with the same wgmma shapes, executing ~25% more instructions (session 9 ncu),
-// most of it pipeline bookkeeping. This kernel is the same dataflow with nothing else in it.
+// most of it pipeline bookkeeping. These kernels are the same dataflow with nothing else in it.
 //
-// Shape of the work. A cluster of two CTAs (one an SM, persistent) walks output tile pairs: CTA rank r takes the
-// 128 x 256 tile at tile row 2 pm + r, tile column tn, so both need the same 256 x K slice of w. Per 64-wide k-block:
+// Shape of the work (Tiling below: 128x256 and 128x160 split along M, 192x192 along N). A cluster of two CTAs (one
+// an SM, persistent, as many clusters as fit) walks output tile pairs: CTA rank r takes the tile at tile row
+// 2 pm + r, tile column tn, so both need the same kN x K slice of w. Per 64-wide k-block:
 //   - producer (warp 0 of warp group 0, one thread): waits until the stage is free in both CTAs, then TMA-loads
-//     its 128 x 64 x-tile and half (128 rows) of the 256 x 64 w-tile, the latter multicast into both CTAs;
-//   - consumers (warp groups 1 and 2): each owns 64 rows of the tile, waits for the stage, issues four
-//     wgmma.m64n256k16 from shared memory (128B-swizzled K-major operands), keeps one k-block of wgmmas in flight
-//     and frees the previous stage in both CTAs (the peer's producer writes into it too).
-// Epilogue (consumers, per tile): acc + bias, activation, rounded to 16 bits into a 128B-swizzled shared buffer in
-// two 64 x 128 halves, each written out by TMA stores that drain while the next tile's mainloop runs. The producer
-// is already loading the next tile's stages meanwhile. Edges cost nothing: TMA zero-fills out-of-range loads and
-// clips stores, so any M, N % 8 == 0 and K % 8 == 0 work.
+//     its kM x 64 x-tile and half of the kN x 64 w-tile, the latter multicast into both CTAs;
+//   - consumers (warp groups 1 and 2): each owns 64 rows x kN (split along M) or kM x kN/2 (split along N) of the
+//     tile, waits for the stage, issues its wgmmas from shared memory (128B-swizzled K-major operands, 16 of K a
+//     step), keeps one k-block of wgmmas in flight and frees the previous stage in both CTAs (the peer's producer
+//     writes into it too).
+// Epilogue (consumers, per tile): acc + bias (bias fetched at the tile's start), activation, rounded to 16 bits,
+// one 64 x 32 box at a time into a ring of shared buffers that TMA stores drain while later boxes are written and
+// the next tile's mainloop runs; the producer is already loading the next tile's stages. Edges cost nothing: TMA
+// zero-fills out-of-range loads and clips stores, so any M, any K % 8 == 0 and N % 8 == 0 work.
 #include "bulk_copy.cuh"
+#include "epilogue_act.cuh"
 #include "gemm_sm90_dispatch.cuh"
 
 #include <cuda.h>
@@ -196,22 +200,6 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[kAcc], uint64_t a, uint64_t
 #undef FDM_WGMMA_D80
 #undef FDM_WGMMA_D48
 
-// Same activation forms as the CUTLASS epilogue (gemm_sm90_kernel.cuh epilogue_act): fast exp, exact limits. The
-// activation is a template argument: a run-time switch per element made the unrolled epilogue ~9000 instructions.
-template <int Act>
-__device__ __forceinline__ float act_fast(float x) {
-  if constexpr (Act == kActGeluTanh) {
-    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    return __fdividef(x, 1.0f + __expf(-2.0f * u));
-  } else if constexpr (Act == kActGelu) {
-    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-  } else if constexpr (Act == kActSilu) {
-    return __fdividef(x, 1.0f + __expf(-x));
-  } else {
-    return x;
-  }
-}
-
 template <typename E>
 __device__ __forceinline__ uint32_t pack2(float a, float b) {
   if constexpr (std::is_same_v<E, __nv_bfloat16>) {
@@ -366,8 +354,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int i = 4 * box + g;
             const float2 b = unpack2<E>(bias2[i]);
             const float* v = &acc[a][4 * i];
-            const uint32_t lo = pack2<E>(act_fast<Act>(v[0] + b.x), act_fast<Act>(v[1] + b.y));
-            const uint32_t hi = pack2<E>(act_fast<Act>(v[2] + b.x), act_fast<Act>(v[3] + b.y));
+            const uint32_t lo = pack2<E>(epilogue_act<Act>(v[0] + b.x), epilogue_act<Act>(v[1] + b.y));
+            const uint32_t hi = pack2<E>(epilogue_act<Act>(v[2] + b.x), epilogue_act<Act>(v[3] + b.y));
             // 16-byte chunk g of the row's 64 bytes, swizzled (64B) by bits 1-2 of the row; rows r and r + 8 share
             // the pattern.
             const int chunk = ((g ^ ((row / 2) % 4)) * 16) + 4 * (lane % 4);

@@ -552,14 +552,15 @@ FDM_API int fdm_gemm_sm90_config_name(int config, char* buf, int64_t len) {
       "coop 128x256 c2x1",     "coop 256x128 c1x2",         "coop 128x128 c1x1",
       "pingpong 128x128 c1x1", "pingpong 128x128 c2x1",     "coop 128x256 c2x1 lean",
       "coop 128x160 c1x1",     "coop 192x192 c2x1 n-split", "coop 192x192 c2x1 n-split lean",
-      "wgmma 128x256 c2x1 ptx lean", "wgmma 192x192 c2x1 n-split ptx lean", "wgmma 128x160 c2x1 ptx lean"};
+      "wgmma 128x256 c2x1 ptx lean", "wgmma 192x192 c2x1 n-split ptx lean", "wgmma 128x160 c2x1 ptx lean",
+      "wgmma 128x160 c2x2 ptx lean"};
   static const char* const decomps[] = {"data-parallel", "stream-k heuristic", "stream-k"};
   static_assert(sizeof(kernels) / sizeof(kernels[0]) == kSm90KernelCount);
   const Sm90Config& c = kSm90Configs[config];
   char order[32];
   if (c.raster == kRasterAuto)
     snprintf(order, sizeof(order), "raster auto");
-  else if (c.kernel == kSm90Wgmma128x256 || c.kernel == kSm90Wgmma192x192 || c.kernel == kSm90Wgmma128x160)
+  else if (c.kernel >= kSm90Wgmma128x256)  // the hand-written kernels (the last in Sm90Kernel)
     snprintf(order, sizeof(order), "along M bands of %d", c.swizzle);
   else
     snprintf(order, sizeof(order), "along %s swizzle %d", c.raster == kRasterAlongM ? "M" : "N", c.swizzle);

@@ -154,6 +154,7 @@ int linear_sm90(const LinearProblem& p, const Sm90Config& config, int sm_count, 
     case kSm90Wgmma128x256: return sm90::run_wgmma128x256(p, config, sm_count, stream);
     case kSm90Wgmma192x192: return sm90::run_wgmma192x192(p, config, sm_count, stream);
     case kSm90Wgmma128x160: return sm90::run_wgmma128x160(p, config, sm_count, stream);
+    case kSm90Wgmma128x160C2x2: return sm90::run_wgmma128x160c2x2(p, config, sm_count, stream);
     default: return kGemmNotSupported;
   }
 }

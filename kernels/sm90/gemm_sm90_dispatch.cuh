@@ -24,6 +24,7 @@ int run_coop192x192lean(const LinearProblem& p, const Sm90Config& c, int sm_coun
 int run_wgmma128x256(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);
 int run_wgmma192x192(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);
 int run_wgmma128x160(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);
+int run_wgmma128x160c2x2(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);
 
 // Device scratch of at least `bytes` for stream-K partial sums, owned by the library and reused by every GEMM on
 // `stream` (gemm_sm90.cu). Null when none can be had (allocation failed, stream capture, too many streams): the

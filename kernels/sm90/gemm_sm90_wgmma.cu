@@ -33,23 +33,27 @@ namespace {
 
 constexpr int kTileK = 64;
 constexpr int kThreads = 384;          // producer warp group + two consumer warp groups
-constexpr int kEmptyArrivals = 2 * 8;  // every consumer warp of both CTAs frees a stage
 constexpr int kBoxBytes = 64 * 32 * 2; // an epilogue store box: 64 rows x 32 columns of 16-bit values
 constexpr int kRing = 4;               // epilogue boxes in flight per consumer (a ring of shared buffers)
 
 // A CTA tile of kM x kN, k-blocks of 64. The two consumer warp groups split it along M (64 rows each, one
-// wgmma of 64 x kN a k-step) or along N (kN/2 columns each, kM/64 wgmmas of 64 x kN/2 a k-step).
-template <int kM_, int kN_, bool kSplitN_>
+// wgmma of 64 x kN a k-step) or along N (kN/2 columns each, kM/64 wgmmas of 64 x kN/2 a k-step). A cluster is
+// kClusterM x kClusterN tiles: the kClusterM CTAs of a tile column share its w tile, each loading a 1/kClusterM
+// share multicast to all of them, and the kClusterN CTAs of a tile row likewise share the x tile.
+template <int kM_, int kN_, bool kSplitN_, int kClusterM_ = 2, int kClusterN_ = 1>
 struct Tiling {
   static constexpr int kM = kM_, kN = kN_;
   static constexpr bool kSplitN = kSplitN_;
+  static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_, kClusterSize = kClusterM * kClusterN;
+  static constexpr int kEmptyArrivals = kClusterSize * 8;  // every consumer warp of the cluster frees a stage
   static constexpr int kRows = kSplitN ? kM : 64;     // a consumer's rows
   static constexpr int kCols = kSplitN ? kN / 2 : kN;  // a consumer's columns (the wgmma N)
   static constexpr int kAtoms = kRows / 64;            // wgmmas a k-step
   static constexpr int kAccPerAtom = kCols / 2;        // fp32 accumulators a thread holds per atom
   static constexpr int kStageBytesA = kM * kTileK * 2;
   static constexpr int kStageBytesB = kN * kTileK * 2;
-  static constexpr int kHalfBytesB = kStageBytesB / 2;  // one CTA's multicast share of the w tile
+  static constexpr int kShareBytesA = kStageBytesA / kClusterN;  // one CTA's multicast share of the x tile
+  static constexpr int kShareBytesB = kStageBytesB / kClusterM;  // ... and of the w tile
   static constexpr int kEpilogueBytes = 2 * kRing * kBoxBytes;
   // As many stages as fit beside the epilogue ring, the barriers and the base alignment slack.
   static constexpr int kStages = (232448 - 1024 - kEpilogueBytes - 256) / (kStageBytesA + kStageBytesB);
@@ -59,7 +63,7 @@ struct Tiling {
   static constexpr int kSmemBytes = kOffsetBarriers + 2 * kStages * 8 + 1024;
   static_assert(kStages >= 3 && kSmemBytes <= 232448, "too little shared memory for a pipeline");
   static_assert(kM % 64 == 0 && kCols % 32 == 0 && (kN / 2) % 8 == 0);
-  static_assert(kStageBytesA % 1024 == 0 && kHalfBytesB % 1024 == 0 && (kCols * 128) % 1024 == 0,
+  static_assert(kShareBytesA % 1024 == 0 && kShareBytesB % 1024 == 0 && (kCols * 128) % 1024 == 0,
                 "operand tiles must start on the 1024-byte period of the 128B swizzle");
 };
 
@@ -219,23 +223,23 @@ __device__ __forceinline__ float2 unpack2(uint32_t u) {
   }
 }
 
-// The tile pair a cluster works on at step `pair`: pairs walk down `group` pair-rows, then along N, then to the
-// next band of pair-rows, so a wave of clusters shares few x-rows and few w-columns (L2 reuse).
+// The block of cluster tiles a cluster works on at step `block`: blocks walk down `group` block rows, then along
+// N, then to the next band of block rows, so a wave of clusters shares few x-rows and few w-columns (L2 reuse).
 struct TileWalk {
-  int pair_rows, tiles_n, group;
-  __device__ __forceinline__ void locate(int pair, int* pm, int* tn) const {
-    const int band = pair / (group * tiles_n);
+  int block_rows, block_cols, group;
+  __device__ __forceinline__ void locate(int block, int* bm, int* bn) const {
+    const int band = block / (group * block_cols);
     const int first = band * group;
-    const int rows = min(group, pair_rows - first);
-    const int q = pair - first * tiles_n;
-    *pm = first + q % rows;
-    *tn = q / rows;
+    const int rows = min(group, block_rows - first);
+    const int q = block - first * block_cols;
+    *bm = first + q % rows;
+    *bn = q / rows;
   }
 };
 
 struct KernelArgs {
   const void* bias;  // [N] or null
-  int N, k_blocks, pairs;
+  int N, k_blocks, blocks;
   TileWalk walk;
 };
 
@@ -253,28 +257,41 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < T::kStages; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], kEmptyArrivals);
+      mbar_init(&empty[s], T::kEmptyArrivals);
     }
     fence_barrier_init();
   }
-  cluster_sync();  // both CTAs' barriers exist before anyone signals them
+  cluster_sync();  // every CTA's barriers exist before anyone signals them
 
-  const int cluster = blockIdx.x / 2, clusters = gridDim.x / 2;
+  const int cluster = blockIdx.x / T::kClusterSize, clusters = gridDim.x / T::kClusterSize;
+  // This CTA's place in the cluster's tiles, and the cluster CTAs it shares its x tile (same row) and w tile (same
+  // column) with, as multicast masks.
+  const int rm = int(rank) % T::kClusterM, rn = int(rank) / T::kClusterM;
+  uint16_t row_mask = 0, col_mask = 0;
+#pragma unroll
+  for (int i = 0; i < T::kClusterN; ++i) row_mask |= uint16_t(1u << (rm + i * T::kClusterM));
+#pragma unroll
+  for (int i = 0; i < T::kClusterM; ++i) col_mask |= uint16_t(1u << (i + rn * T::kClusterM));
   if (warp_group == 0) {
     setmaxnreg_dec<40>();
     if (threadIdx.x == 0) {
       int s = 0;
       uint32_t phase = 0;
-      for (int pair = cluster; pair < args.pairs; pair += clusters) {
-        int pm, tn;
-        args.walk.locate(pair, &pm, &tn);
-        const int m0 = (2 * pm + int(rank)) * T::kM, n0 = tn * T::kN;
+      for (int block = cluster; block < args.blocks; block += clusters) {
+        int bm, bn;
+        args.walk.locate(block, &bm, &bn);
+        const int m0 = (bm * T::kClusterM + rm) * T::kM, n0 = (bn * T::kClusterN + rn) * T::kN;
         for (int kb = 0; kb < args.k_blocks; ++kb) {
           mbar_wait(&empty[s], phase ^ 1);
           mbar_expect_tx(&full[s], T::kStageBytesA + T::kStageBytesB);
-          tma_load(smem + s * T::kStageBytesA, &map_x, &full[s], kb * kTileK, m0);
-          tma_load_multicast(smem + T::kOffsetB + s * T::kStageBytesB + rank * T::kHalfBytesB, &map_w, &full[s],
-                             kb * kTileK, n0 + int(rank) * (T::kN / 2), 0x3);
+          uint8_t* a_share = smem + s * T::kStageBytesA + rn * T::kShareBytesA;
+          const int a_row = m0 + rn * (T::kM / T::kClusterN);
+          if constexpr (T::kClusterN == 1)
+            tma_load(a_share, &map_x, &full[s], kb * kTileK, a_row);
+          else
+            tma_load_multicast(a_share, &map_x, &full[s], kb * kTileK, a_row, row_mask);
+          tma_load_multicast(smem + T::kOffsetB + s * T::kStageBytesB + rm * T::kShareBytesB, &map_w, &full[s],
+                             kb * kTileK, n0 + rm * (T::kN / T::kClusterM), col_mask);
           if (++s == T::kStages) {
             s = 0;
             phase ^= 1;
@@ -285,6 +302,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     setmaxnreg_inc<232>();
     const int consumer = warp_group - 1;
+    // Every CTA of the cluster waits for every consumer warp of the cluster before refilling a stage (a CTA's
+    // stage holds shares from its row's and its column's CTAs; one count for all keeps the barriers uniform).
+    const auto release_stage = [](uint64_t* bar) {
+#pragma unroll
+      for (int r = 0; r < T::kClusterSize; ++r) mbar_arrive_cluster(bar, r);
+    };
     const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
     // This consumer's rows and columns within the tile, and its slices of the stage buffers.
     const int row0 = T::kSplitN ? 0 : 64 * consumer, col0 = T::kSplitN ? T::kCols * consumer : 0;
@@ -294,10 +317,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     int s = 0;
     uint32_t phase = 0;
     uint32_t boxes = 0;  // epilogue boxes this consumer has stored: the next one goes to ring slot boxes % kRing
-    for (int pair = cluster; pair < args.pairs; pair += clusters) {
-      int pm, tn;
-      args.walk.locate(pair, &pm, &tn);
-      const int m0 = (2 * pm + int(rank)) * T::kM, n0 = tn * T::kN;
+    for (int block = cluster; block < args.blocks; block += clusters) {
+      int bm, bn;
+      args.walk.locate(block, &bm, &bn);
+      const int m0 = (bm * T::kClusterM + rm) * T::kM, n0 = (bn * T::kClusterN + rn) * T::kN;
       // This tile's bias pairs, fetched now so the loads land during the mainloop: the pair for 8-column group i is
       // columns 8 i + 2 (lane % 4) + {0, 1} of this consumer's columns.
       uint32_t bias2[T::kCols / 8];
@@ -320,11 +343,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             wgmma_k16<E>(acc[a], da + (a * 64 * 128 >> 4) + 2 * j, db + 2 * j, kb | j);
         }
         wgmma_commit();
-        wgmma_wait<1>();  // the previous k-block's wgmmas are done: free its stage in both CTAs
-        if (prev >= 0 && lane == 0) {
-          mbar_arrive_cluster(&empty[prev], 0);
-          mbar_arrive_cluster(&empty[prev], 1);
-        }
+        wgmma_wait<1>();  // the previous k-block's wgmmas are done: free its stage in every CTA that writes to it
+        if (prev >= 0 && lane == 0) release_stage(&empty[prev]);
         prev = s;
         if (++s == T::kStages) {
           s = 0;
@@ -332,10 +352,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       wgmma_wait<0>();
-      if (prev >= 0 && lane == 0) {
-        mbar_arrive_cluster(&empty[prev], 0);
-        mbar_arrive_cluster(&empty[prev], 1);
-      }
+      if (prev >= 0 && lane == 0) release_stage(&empty[prev]);
 
       // Epilogue, one store box (64 rows x 32 columns) at a time through a ring of kRing shared buffers, so
       // boxes are written while earlier ones drain to global memory. In atom a, thread (warp, lane) holds rows
@@ -375,7 +392,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (t == 0) bulk_wait<0>();
   }
-  cluster_sync();  // the peer may still signal our barriers or multicast into our stages until it is done
+  cluster_sync();  // peers may still signal our barriers or multicast into our stages until they are done
 }
 
 // ---- host side ---------------------------------------------------------------------------------------------------
@@ -414,32 +431,34 @@ bool make_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, in
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Clusters of two that can be resident at once, asked once per device: every tiling takes a whole SM's shared
-// memory (one CTA an SM), so the answer is the same for all.
-int resident_pairs(const void* kernel, const cudaLaunchConfig_t& base) {
+// Clusters of `size` CTAs (base's cluster attribute) that can be resident at once, asked once per (device, size):
+// every tiling takes a whole SM's shared memory (one CTA an SM), so the answer depends on the cluster size only.
+int resident_clusters(const void* kernel, const cudaLaunchConfig_t& base, int size) {
+  constexpr int kMaxSize = 8;
   static std::mutex mutex;
-  static int cached[64] = {};
+  static int cached[64][kMaxSize + 1] = {};
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64 || size < 1 || size > kMaxSize) return 0;
   std::lock_guard<std::mutex> lock(mutex);
-  if (cached[device] == 0) {
+  if (cached[device][size] == 0) {
     cudaLaunchConfig_t cfg = base;
-    cfg.gridDim = dim3(2);
+    cfg.gridDim = dim3(size);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
       cudaGetLastError();
       return 0;
     }
-    cached[device] = clusters;
+    cached[device][size] = clusters;
   }
-  return cached[device];
+  return cached[device][size];
 }
 
 template <typename T, typename E, int Act>
 int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   const bool bf16 = std::is_same_v<E, __nv_bfloat16>;
   CUtensorMap map_x, map_w, map_out;
-  if (!make_map(&map_x, p.x, p.M, p.K, T::kM, bf16, true) || !make_map(&map_w, p.w, p.N, p.K, T::kN / 2, bf16, true) ||
+  if (!make_map(&map_x, p.x, p.M, p.K, T::kM / T::kClusterN, bf16, true) ||
+      !make_map(&map_w, p.w, p.N, p.K, T::kN / T::kClusterM, bf16, true) ||
       !make_map(&map_out, p.out, p.M, p.N, 64, bf16, false))
     return kGemmNotSupported;
 
@@ -458,14 +477,14 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   args.bias = p.bias;
   args.N = int(p.N);
   args.k_blocks = int(ceil_div(p.K, kTileK));
-  args.walk.pair_rows = (tiles_m + 1) / 2;
-  args.walk.tiles_n = tiles_n;
+  args.walk.block_rows = int(ceil_div(tiles_m, T::kClusterM));
+  args.walk.block_cols = int(ceil_div(tiles_n, T::kClusterN));
   args.walk.group = c.swizzle > 0 ? c.swizzle : 8;
-  args.pairs = args.walk.pair_rows * tiles_n;
+  args.blocks = args.walk.block_rows * args.walk.block_cols;
 
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 2;
+  attr.val.clusterDim.x = T::kClusterSize;
   attr.val.clusterDim.y = 1;
   attr.val.clusterDim.z = 1;
   cudaLaunchConfig_t cfg = {};
@@ -474,9 +493,9 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   cfg.stream = stream;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
-  const int resident = resident_pairs(reinterpret_cast<const void*>(kernel), cfg);
+  const int resident = resident_clusters(reinterpret_cast<const void*>(kernel), cfg, T::kClusterSize);
   if (resident <= 0) return kGemmNotSupported;
-  cfg.gridDim = dim3(2 * (args.pairs < resident ? args.pairs : resident));
+  cfg.gridDim = dim3(T::kClusterSize * (args.blocks < resident ? args.blocks : resident));
   if (cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, map_out, args) != cudaSuccess) return launch_status();
   return 0;
 }
@@ -511,6 +530,9 @@ int run_wgmma192x192(const LinearProblem& p, const Sm90Config& c, int, cudaStrea
 }
 int run_wgmma128x160(const LinearProblem& p, const Sm90Config& c, int, cudaStream_t stream) {
   return launch_tiling<Tiling<128, 160, false>>(p, c, stream);
+}
+int run_wgmma128x160c2x2(const LinearProblem& p, const Sm90Config& c, int, cudaStream_t stream) {
+  return launch_tiling<Tiling<128, 160, false, 2, 2>>(p, c, stream);
 }
 
 }  // namespace sm90

@@ -273,8 +273,8 @@ def test_winners_per_card(rng, forced_sm90):
     """Rows of kSm90Winners tagged with a card's L2 size win on that card; untagged rows serve every card. FLUX's
     attention-out shape (4608 x 3072 -> 3072) has an H100 row (50 MiB of L2) besides the H200-swept one, so the
     choice differs between the two cards, and both gated choices take a gate; a shape with one untagged row (the
-    double-stream text mlp up) and one with no row (the rule) choose alike on both. On this GPU the configuration a real linear runs is the one
-    fdm_gemm_sm90_auto_config names for this card's SM count and L2 size."""
+    double-stream text mlp up) and one with no row (the rule) choose alike on both. On this GPU the configuration a
+    real linear runs is the one fdm_gemm_sm90_auto_config names for this card's SM count and L2 size."""
     auto = forced_sm90.fdm_gemm_sm90_auto_config
     auto.restype = ctypes.c_int
     auto.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3

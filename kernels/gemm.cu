@@ -86,60 +86,50 @@ struct Sm90Winner {
 constexpr Sm90Winner kSm90Winners[] = {
     // Measured by bench/gemm_sweep.py on an H200 (2026-11-26, bf16; docs/benchmarks.md): the fastest configuration
     // per shape, {M, N, K, plain, gated}. Times: fastdm vs cuBLAS (gated: vs torch's linear + mul + add; gelu_tanh:
-    // vs linear + gelu_tanh), one sweep; differences under ~4% are run-to-run noise.
+    // vs linear + gelu_tanh), one sweep; differences under ~4% are run-to-run noise. Rows marked "s13" were re-swept
+    // in session 13 with the hand-written kernels (configs 24-28; ratios torch/fastdm, > 1 = fastdm faster).
     // FLUX.1 1024x1024: 4096 image + 512 text tokens
-    {4608, 9216, 3072, 22, -1},    // qkv: 0.354 ms vs 0.335 (session 9; config 0 0.363)
-    {4608, 12288, 3072, 22, -1},   // mlp up: 0.507 vs 0.445-0.492; gelu_tanh 0.517 vs 0.616 (session 9)
-    {4608, 3072, 12288, 16, 5},    // mlp down: 0.471 vs 0.494; gated 0.477 vs 0.548
-    {4608, 3072, 15360, 20, 5},    // single-block out: 0.579 vs 0.605; gated 0.641 vs 0.647
-    {4608, 3072, 3072, 14, 14},    // attention out: 0.123 vs 0.116; gated 0.126 vs 0.178
+    {4608, 9216, 3072, 24, -1},    // qkv, s13: 0.98x (CUTLASS 22: 0.88x)
+    {4608, 12288, 3072, 12, -1},   // mlp up, s13: 0.94x, gelu_tanh 1.04x (wgmma 27: 0.94 / 1.00x; 22: 0.89 / 0.90x)
+    {4608, 3072, 12288, 26, 5},    // mlp down, s13: 1.02x (CUTLASS 16: 0.94x); gated 1.14x
+    {4608, 3072, 15360, 26, 5},    // single-block out, s13: 1.01x (CUTLASS 20: 0.97x); gated 1.05x
+    {4608, 3072, 3072, 26, 14},    // attention out, s13: 0.98x (CUTLASS 14: 0.96x); gated 1.40x
     // FLUX.1 1024x1024 double-stream blocks, image stream (4096 rows) and text stream (512 rows) apart; the rule
     // picked configurations 5 / 10 here, 5-40% slower
-    {4096, 9216, 3072, 12, -1},    // img qkv: 0.320 vs 0.309 (rule: 0.354)
-    {4096, 12288, 3072, 12, -1},   // img mlp up: 0.436 vs 0.413; gelu_tanh 0.466 vs 0.470 (rule: 0.559)
-    {4096, 3072, 12288, 8, 5},     // img mlp down: 0.409 vs 0.407; gated 0.420 vs 0.473
-    {4096, 3072, 3072, 12, 12},    // img attention out: 0.107 vs 0.107; gated 0.110 vs 0.153
-    {512, 9216, 3072, 11, -1},     // txt qkv: 0.051 vs 0.043 (rule: 0.060)
+    {4096, 9216, 3072, 24, -1},    // img qkv, s13: 0.99x (CUTLASS 12: 0.98x)
+    {4096, 12288, 3072, 12, -1},   // img mlp up, s13: 0.98x, gelu_tanh 1.11x (wgmma 24: 0.98 / 1.01x)
+    {4096, 3072, 12288, 24, 5},    // img mlp down, s13: 1.06x (CUTLASS 8: 0.96x); gated 1.08x
+    {4096, 3072, 3072, 24, 12},    // img attention out, s13: 1.02x (CUTLASS 12: 1.01x); gated 1.41x
+    {512, 9216, 3072, 28, -1},     // txt qkv, s13: 0.91x (CUTLASS 11: 0.81x)
     {512, 12288, 3072, 12, -1},    // txt mlp up: 0.058 vs 0.056; gelu_tanh 0.059 vs 0.064 (rule: 0.083)
     {512, 3072, 12288, 11, 11},    // txt mlp down: 0.061 vs 0.055; gated 0.062 vs 0.064
     {512, 3072, 3072, 9, 10},      // txt attention out: 0.022 vs 0.016; gated 0.022 vs 0.025
     // SDXL 1024x1024, batch 2 (CFG). Gated: the UNet's residual projections (gate = ones, batch folded into rows)
-    {8192, 5120, 640, 12, -1},     // 64x64 ff up: 0.092 vs 0.091
-    {2048, 10240, 1280, 13, -1},   // 32x32 ff up: 0.077 vs 0.076
-    {2048, 1280, 5120, 17, 17},    // 32x32 ff down: 0.041 vs 0.036; gated 0.041 vs 0.051 (64x160 wgmma, session 9)
-    {8192, 640, 640, 12, 12},      // 64x64 attention projections: 0.019 vs 0.017; gated 0.020 vs 0.036
-    {2048, 1280, 1280, 17, 17},    // 32x32 attention projections: 0.016 vs 0.012; gated 0.017 vs 0.024
-    {2048, 3840, 1280, 12, -1},    // 32x32 qkv: 0.033 vs 0.032
-    {8192, 1920, 640, 14, -1},     // 64x64 qkv: 0.040 vs 0.036
-    {8192, 640, 2560, 18, 18},     // 64x64 ff down: 0.043 vs 0.038; gated 0.045 vs 0.060
+    {8192, 5120, 640, 24, -1},     // 64x64 ff up, s13: 1.03x (CUTLASS 12: 1.02x)
+    {2048, 10240, 1280, 13, -1},   // 32x32 ff up: 0.077 vs 0.076 (s13: 1.00x; wgmma 24: 0.99x)
+    {2048, 1280, 5120, 28, 17},    // 32x32 ff down, s13: 0.94x (CUTLASS 17: 0.90x); gated 1.22x
+    {8192, 640, 640, 28, 12},      // 64x64 attention projections, s13: 0.96x (CUTLASS 12: 0.80x); gated 1.74x
+    {2048, 1280, 1280, 28, 17},    // 32x32 attention projections, s13: 0.86x (CUTLASS 17: 0.75x); gated 1.44x
+    {2048, 3840, 1280, 12, -1},    // 32x32 qkv: 0.033 vs 0.032 (s13: 0.93x; wgmma 28: 0.94x)
+    {8192, 1920, 640, 28, -1},     // 64x64 qkv, s13: 0.93x (CUTLASS 14: 0.91x)
+    {8192, 640, 2560, 28, 18},     // 64x64 ff down, s13: 0.94x (CUTLASS 18: 0.88x); gated 1.31x
     // Wan2.2-TI2V-5B 704x1280x121
-    {27280, 14336, 3072, 14, -1},  // ff up: 3.689 vs 3.552
-    {27280, 3072, 14336, 16, -1},  // ff down: 3.531 vs 3.478
-    // H100 80GB HBM3 (50 MiB L2), session 13: the hand-written wgmma kernels (configs 24-28) against the CUTLASS ones,
-    // bench/gemm_sweep.py, the mean torch/fastdm ratio over two or three sweeps (single H100 sweeps move +-5%;
-    // docs/benchmarks.md "session 13"). Rows whose best stayed a CUTLASS configuration keep their earlier entries.
-    {4608, 9216, 3072, 24, -1, 50},    // FLUX qkv: 0.98 / 0.98 / 0.98x of cuBLAS (CUTLASS 22: 0.93-0.95x)
+    {27280, 14336, 3072, 26, -1},  // ff up, s13: 0.96x (CUTLASS 14: 0.91x)
+    {27280, 3072, 14336, 16, -1},  // ff down: 3.531 vs 3.478 (s13: 0.99x; wgmma 24: 0.99x)
+    // H100 80GB HBM3 (50 MiB L2), session 13, where the H100's winner differs from the row above: the mean
+    // torch/fastdm ratio over two or three H100 sweeps (single sweeps move +-5%; docs/benchmarks.md "session 13").
     {4608, 12288, 3072, 27, -1, 50},   // FLUX mlp up: 0.97 / 0.95 / 0.89x; gelu_tanh 1.00 / 1.07 / 1.00x
-    {4608, 3072, 12288, 26, 5, 50},    // FLUX mlp down: 0.98 / 0.96 / 0.94x (CUTLASS 16: 0.95 / 0.94 / 0.97x)
-    {4608, 3072, 15360, 26, 5, 50},    // FLUX single-block out: 1.11 / 0.99 / 0.89x (CUTLASS 16: 1.02 / 0.81 / 0.89x)
-    {4608, 3072, 3072, 26, 21, 50},    // FLUX attention out: 0.97 / 0.97x (CUTLASS 22: 0.96 / 0.96x)
-    {4096, 9216, 3072, 24, -1, 50},    // FLUX double img qkv: 0.96 / 0.95 / 0.97x (CUTLASS 12: 0.91 / 0.97 / 0.80x)
+    {4608, 3072, 3072, 26, 21, 50},    // FLUX attention out: 0.97 / 0.97x; gated 1.40x (CUTLASS 22: 0.96 / 0.96x)
     {4096, 12288, 3072, 24, -1, 50},   // FLUX double img mlp up: 0.96 / 0.97x; gelu_tanh 1.14 / 1.03x
-    {4096, 3072, 12288, 24, 5, 50},    // FLUX double img mlp down: 1.11 / 1.09x
-    {4096, 3072, 3072, 24, 12, 50},    // FLUX double img attention out: 1.13 / 1.06x
-    {512, 9216, 3072, 28, -1, 50},     // FLUX double txt qkv: 0.90x (CUTLASS 17: 0.86x)
     {8192, 5120, 640, 25, -1, 50},     // SDXL 64x64 ff up: 1.01 / 0.99 / 0.93x (CUTLASS 12: 1.00 / 0.98 / 0.93x)
     {2048, 10240, 1280, 25, -1, 50},   // SDXL 32x32 ff up: 0.94 / 0.96x (CUTLASS 16: 0.90x)
-    {2048, 1280, 5120, 28, 17, 50},    // SDXL 32x32 ff down: 0.94x (CUTLASS 17: 0.90 / 0.91x)
     {8192, 640, 640, 28, 17, 50},      // SDXL 64x64 attention projections: 1.00x (CUTLASS 12: 0.70 / 0.82x)
-    {2048, 1280, 1280, 28, 17, 50},    // SDXL 32x32 attention projections: 0.83x (CUTLASS 17: 0.75 / 0.76x)
     {2048, 3840, 1280, 28, -1, 50},    // SDXL 32x32 qkv: 0.94x (wgmma 128x256: 0.90 / 0.93x; CUTLASS 16: 0.88x)
     {8192, 1920, 640, 24, -1, 50},     // SDXL 64x64 qkv: 1.01 / 1.00x (CUTLASS 14: 0.96x)
     {8192, 640, 2560, 28, 17, 50},     // SDXL 64x64 ff down: 0.90x (CUTLASS 17: 0.88 / 0.89x)
     {1976, 1280, 1280, 28, -1, 50},    // SDXL 832x1216 26x38 attention projections: 0.80x (CUTLASS 17: 0.72x)
     {1976, 3840, 1280, 25, -1, 50},    // SDXL 832x1216 26x38 qkv: 0.87 / 0.90 / 0.90x (CUTLASS 16: 0.85x)
     {7904, 640, 2560, 28, -1, 50},     // SDXL 832x1216 52x76 ff down: 0.91x (CUTLASS 17: 0.88 / 0.89x)
-    {27280, 14336, 3072, 26, -1, 50},  // Wan ff up: 0.96 / 0.90x (CUTLASS 16: 0.93 / 0.88x)
     {27280, 3072, 14336, 24, -1, 50},  // Wan ff down: 1.00 / 1.01 / 0.95x (CUTLASS 22: 1.06 / 0.96 / 0.93x)
 };
 

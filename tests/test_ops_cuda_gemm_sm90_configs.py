@@ -243,11 +243,11 @@ def test_config_hook_arguments(lib):
 
 # ------------------------------------------------------------------------------------------ the winners table
 def test_winners_pick_per_epilogue(rng, forced_sm90):
-    """kSm90Winners in kernels/gemm.cu picks by epilogue at FLUX's mlp-up shape (4608 x 3072 -> 12288): the plain
+    """kSm90Winners in kernels/gemm.cu picks by epilogue at FLUX's qkv shape (4608 x 3072 -> 9216): the plain
     winner for a bias-only linear and for linear + gelu_tanh, a gate-taking configuration for a gated residual
-    (the row's plain winner is the lean kernel, which cannot take one); each result equals what the same
+    (the row's plain winner is a hand-written kernel, which cannot take one); each result equals what the same
     configuration gives when forced."""
-    m, k, n = 4608, 3072, 12288
+    m, k, n = 4608, 3072, 9216
     x, w = gpu(rand(rng, "bfloat16", m, k)), gpu(rand(rng, "bfloat16", n, k, scale=k ** -0.5))
     b = gpu(rand(rng, "bfloat16", n, scale=0.5))
     gate, residual = gpu(rand(rng, "bfloat16", 1, n)), gpu(rand(rng, "bfloat16", 1, m, n))
@@ -271,18 +271,18 @@ def test_winners_pick_per_epilogue(rng, forced_sm90):
 
 def test_winners_per_card(rng, forced_sm90):
     """Rows of kSm90Winners tagged with a card's L2 size win on that card; untagged rows serve every card. FLUX's
-    attention-out shape (4608 x 3072 -> 3072) has an H100 row (50 MiB of L2) besides the H200-swept one, so the
-    choice differs between the two cards, and both gated choices take a gate; a shape with one untagged row (the
+    mlp-up shape (4608 x 3072 -> 12288) has an H100 row (50 MiB of L2) besides the H200-swept one, so the choice
+    differs between the two cards, and both gated choices take a gate; a shape with one untagged row (the
     double-stream text mlp up) and one with no row (the rule) choose alike on both. On this GPU the configuration a
     real linear runs is the one fdm_gemm_sm90_auto_config names for this card's SM count and L2 size."""
     auto = forced_sm90.fdm_gemm_sm90_auto_config
     auto.restype = ctypes.c_int
     auto.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     names = config_names(forced_sm90)
-    h100, h200 = (auto(4608, 3072, 3072, 0, 132, 50), auto(4608, 3072, 3072, 0, 132, 60))
+    h100, h200 = (auto(4608, 12288, 3072, 0, 132, 50), auto(4608, 12288, 3072, 0, 132, 60))
     assert h100 != h200
     for l2 in (50, 60):
-        assert takes_gate(names[auto(4608, 3072, 3072, 1, 132, l2)])
+        assert takes_gate(names[auto(4608, 12288, 3072, 1, 132, l2)])
     for m, n, k in [(512, 12288, 3072), (1000, 2000, 3000)]:
         assert auto(m, n, k, 0, 132, 50) == auto(m, n, k, 0, 132, 60)
     m, k, n = 4608, 3072, 3072

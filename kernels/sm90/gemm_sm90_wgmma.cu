@@ -35,6 +35,7 @@ constexpr int kTileK = 64;
 constexpr int kThreads = 384;          // producer warp group + two consumer warp groups
 constexpr int kBoxBytes = 64 * 32 * 2; // an epilogue store box: 64 rows x 32 columns of 16-bit values
 constexpr int kRing = 4;               // epilogue boxes in flight per consumer (a ring of shared buffers)
+constexpr int kSmemOptin = 232448;     // the most dynamic shared memory an sm90 CTA may opt into (227 KiB)
 
 // A CTA tile of kM x kN, k-blocks of 64. The two consumer warp groups split it along M (64 rows each, one
 // wgmma of 64 x kN a k-step) or along N (kN/2 columns each, kM/64 wgmmas of 64 x kN/2 a k-step). A cluster is
@@ -56,12 +57,12 @@ struct Tiling {
   static constexpr int kShareBytesB = kStageBytesB / kClusterM;  // ... and of the w tile
   static constexpr int kEpilogueBytes = 2 * kRing * kBoxBytes;
   // As many stages as fit beside the epilogue ring, the barriers and the base alignment slack.
-  static constexpr int kStages = (232448 - 1024 - kEpilogueBytes - 256) / (kStageBytesA + kStageBytesB);
+  static constexpr int kStages = (kSmemOptin - 1024 - kEpilogueBytes - 256) / (kStageBytesA + kStageBytesB);
   static constexpr int kOffsetB = kStages * kStageBytesA;
   static constexpr int kOffsetEpilogue = kOffsetB + kStages * kStageBytesB;
   static constexpr int kOffsetBarriers = kOffsetEpilogue + kEpilogueBytes;
   static constexpr int kSmemBytes = kOffsetBarriers + 2 * kStages * 8 + 1024;
-  static_assert(kStages >= 3 && kSmemBytes <= 232448, "too little shared memory for a pipeline");
+  static_assert(kStages >= 3 && kSmemBytes <= kSmemOptin, "too little shared memory for a pipeline");
   static_assert(kM % 64 == 0 && kCols % 32 == 0 && (kN / 2) % 8 == 0);
   static_assert(kShareBytesA % 1024 == 0 && kShareBytesB % 1024 == 0 && (kCols * 128) % 1024 == 0,
                 "operand tiles must start on the 1024-byte period of the 128B swizzle");

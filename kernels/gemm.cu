@@ -66,9 +66,12 @@ static_assert(kSm90Configs[kCfgCoop128x128Sk].kernel == kSm90Coop128x128 &&
               kSm90Configs[kCfgCoop128x128Sk].decomp == kDecompHeuristic);
 static_assert(kSm90Configs[kCfgPingpong128x128].kernel == kSm90Pingpong128x128 &&
               kSm90Configs[kCfgPingpong128x128].raster == kRasterAuto);
-static_assert(kSm90Configs[kCfgWgmma128x256].kernel == kSm90Wgmma128x256 && kSm90Configs[kCfgWgmma128x256].swizzle == 8);
-static_assert(kSm90Configs[kCfgWgmma192x192].kernel == kSm90Wgmma192x192 && kSm90Configs[kCfgWgmma192x192].swizzle == 8);
-static_assert(kSm90Configs[kCfgWgmma128x160].kernel == kSm90Wgmma128x160 && kSm90Configs[kCfgWgmma128x160].swizzle == 8);
+static_assert(kSm90Configs[kCfgWgmma128x256].kernel == kSm90Wgmma128x256 &&
+              kSm90Configs[kCfgWgmma128x256].swizzle == 8);
+static_assert(kSm90Configs[kCfgWgmma192x192].kernel == kSm90Wgmma192x192 &&
+              kSm90Configs[kCfgWgmma192x192].swizzle == 8);
+static_assert(kSm90Configs[kCfgWgmma128x160].kernel == kSm90Wgmma128x160 &&
+              kSm90Configs[kCfgWgmma128x160].swizzle == 8);
 
 // THE TABLE OF WINNERS: for an exact (M, N, K), the configurations bench/gemm_sweep.py measured fastest, for the
 // plain linear (with or without an activation epilogue) and for the gated residual (-1: the plain winner, or its

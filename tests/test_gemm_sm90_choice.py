@@ -1,0 +1,80 @@
+"""How the library picks an sm90 GEMM configuration (kernels/gemm.cu: the winners table, then sm90_rule), asked
+through fdm_gemm_sm90_auto_config for a given SM count and L2 size. Host code only: runs without a GPU wherever the
+kernel library is built for sm_90a (CI builds it)."""
+
+import ctypes
+import math
+
+import pytest
+
+from fastdm import kernels
+
+SMS = 132
+H100_L2, H200_L2 = 50, 60
+
+
+@pytest.fixture(scope="module")
+def choice():
+    if not kernels.available():
+        pytest.skip("the kernel library is not built")
+    lib = kernels.library()
+    if not lib.fdm_has_sm90():
+        pytest.skip("the kernel library was built without sm_90a")
+    auto = lib.fdm_gemm_sm90_auto_config
+    auto.restype = ctypes.c_int
+    auto.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+    names = []
+    for i in range(lib.fdm_gemm_sm90_config_count()):
+        buf = ctypes.create_string_buffer(160)
+        kernels.call("fdm_gemm_sm90_config_name", i, buf, len(buf))
+        names.append(buf.value.decode())
+
+    def pick(m, n, k, gated=False, l2=H200_L2):
+        return names[auto(m, n, k, int(gated), SMS, l2)]
+
+    return pick
+
+
+def test_table_rows_take_the_hand_written_kernels(choice):
+    """FLUX qkv and SDXL's one-wave ff down run the hand-written kernels on both cards; their gated forms a
+    C-reading CUTLASS configuration (the hand-written epilogue has no residual)."""
+    for l2 in (H100_L2, H200_L2):
+        assert choice(4608, 9216, 3072, l2=l2).startswith("wgmma 128x256")
+        assert choice(2048, 1280, 5120, l2=l2).startswith("wgmma 128x160 c2x1")
+        for m, n, k in [(4608, 9216, 3072), (2048, 1280, 5120)]:
+            gated = choice(m, n, k, gated=True, l2=l2)
+            assert "lean" not in gated and not gated.startswith("wgmma"), gated
+
+
+def test_card_rows(choice):
+    """A row tagged with the H100's L2 size wins there; the untagged row serves the H200."""
+    assert choice(4608, 12288, 3072, l2=H100_L2).startswith("wgmma 192x192")
+    assert choice(4608, 12288, 3072, l2=H200_L2).startswith("pingpong 128x128")
+
+
+def last_wave_fill(tiles):
+    return tiles / (math.ceil(tiles / SMS) * SMS)
+
+
+@pytest.mark.parametrize("m,n,k", [(4608, 3072, 8000), (6000, 8192, 4096), (3000, 7000, 5000)])
+def test_rule_for_large_plain_problems(choice, m, n, k):
+    """Unlisted plain problems with 1024+ rows and a wave of 128x256 tiles: 128x256, unless 192x192 tiles fill their
+    last wave by more than 2 points more; gated ones keep the stream-K CUTLASS kernel."""
+    big = math.ceil(m / 128) * math.ceil(n / 256)
+    square = math.ceil(m / 192) * math.ceil(n / 192)
+    want = "wgmma 192x192" if last_wave_fill(square) > last_wave_fill(big) + 0.02 else "wgmma 128x256"
+    assert choice(m, n, k).startswith(want)
+    assert "stream-k" in choice(m, n, k, gated=True)
+
+
+def test_rule_both_tilings_are_reached(choice):
+    assert choice(4608, 3072, 8000).startswith("wgmma 192x192")  # 432 tiles of 128x256: a 3.3-wave tail
+    assert choice(6000, 8192, 4096).startswith("wgmma 128x256")
+
+
+def test_rule_for_narrow_and_small_problems(choice):
+    """N in whole 160-column tiles (up to 1280): the hand-written 128x160, gated: its CUTLASS sibling; few rows
+    with short K: ping-pong 128x128."""
+    assert choice(3000, 1280, 3000).startswith("wgmma 128x160 c2x1")
+    assert choice(3000, 1280, 3000, gated=True).startswith("coop 128x160")
+    assert choice(512, 6144, 2048).startswith("pingpong 128x128")

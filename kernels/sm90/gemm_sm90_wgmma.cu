@@ -19,12 +19,12 @@
 // the next tile's mainloop runs; the producer is already loading the next tile's stages. Edges cost nothing: TMA
 // zero-fills out-of-range loads and clips stores, so any M, any K % 8 == 0 and N % 8 == 0 work.
 #include "bulk_copy.cuh"
+#include "cluster_occupancy.cuh"
 #include "epilogue_act.cuh"
 #include "gemm_sm90_dispatch.cuh"
 
 #include <cuda.h>
 
-#include <mutex>
 #include <type_traits>
 
 namespace fdm {
@@ -433,28 +433,6 @@ bool make_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, in
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Clusters of `size` CTAs (base's cluster attribute) that can be resident at once, asked once per (device, size):
-// every tiling takes a whole SM's shared memory (one CTA an SM), so the answer depends on the cluster size only.
-int resident_clusters(const void* kernel, const cudaLaunchConfig_t& base, int size) {
-  constexpr int kMaxSize = 8;
-  static std::mutex mutex;
-  static int cached[64][kMaxSize + 1] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64 || size < 1 || size > kMaxSize) return 0;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (cached[device][size] == 0) {
-    cudaLaunchConfig_t cfg = base;
-    cfg.gridDim = dim3(size);
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
-      cudaGetLastError();
-      return 0;
-    }
-    cached[device][size] = clusters;
-  }
-  return cached[device][size];
-}
-
 template <typename T, typename E, int Act>
 int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   const bool bf16 = std::is_same_v<E, __nv_bfloat16>;
@@ -463,16 +441,6 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
       !make_map(&map_w, p.w, p.N, p.K, T::kN / T::kClusterM, bf16, true) ||
       !make_map(&map_out, p.out, p.M, p.N, 64, bf16, false))
     return kGemmNotSupported;
-
-  const auto kernel = wgmma_linear_kernel<T, E, Act>;
-  static bool attribute_set[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return launch_status();
-  if (device < 64 && !attribute_set[device]) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes) != cudaSuccess)
-      return launch_status();
-    attribute_set[device] = true;
-  }
 
   const int tiles_m = int(ceil_div(p.M, T::kM)), tiles_n = int(ceil_div(p.N, T::kN));
   KernelArgs args = {};
@@ -495,10 +463,15 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   cfg.stream = stream;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
-  const int resident = resident_clusters(reinterpret_cast<const void*>(kernel), cfg, T::kClusterSize);
-  if (resident <= 0) return kGemmNotSupported;
+  cfg.gridDim = dim3(T::kClusterSize);  // one cluster for the occupancy query; the grid is sized by its answer
+  constexpr auto kKernel = wgmma_linear_kernel<T, E, Act>;
+  const int resident = resident_clusters<kKernel>(cfg);
+  if (resident <= 0) {
+    cudaGetLastError();  // a query's failure is not the caller's error
+    return kGemmNotSupported;
+  }
   cfg.gridDim = dim3(T::kClusterSize * (args.blocks < resident ? args.blocks : resident));
-  if (cudaLaunchKernelEx(&cfg, kernel, map_x, map_w, map_out, args) != cudaSuccess) return launch_status();
+  if (cudaLaunchKernelEx(&cfg, kKernel, map_x, map_w, map_out, args) != cudaSuccess) return launch_status();
   return 0;
 }
 

@@ -21,10 +21,8 @@
 // narrower rows read a 20-40 byte column out of every 0.6-1 KB pixel row and lose (launch_nhwc_any_unit).
 #include <cooperative_groups.h>
 
-#include <mutex>
-#include <vector>
-
 #include "bulk_copy.cuh"
+#include "cluster_occupancy.cuh"
 #include "common.cuh"
 #include "group_norm.cuh"
 #include "vec.cuh"
@@ -311,33 +309,6 @@ group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
 inline int64_t group_ranks(int64_t group_bytes) {
   const int64_t r = ceil_div(group_bytes, 76 << 10);
   return r > kMaxCluster ? 0 : r;
-}
-
-// How many clusters of `cfg` (a cluster shape and shared memory size) the device holds at once (0: it cannot run
-// one), asked once per (device, cluster size, shared memory) and kept: the occupancy query is host work on a hot
-// path. The first time on a device also lets the kernel take the largest shared memory and clusters over 8.
-template <auto kKernel>
-int resident_clusters(const cudaLaunchConfig_t& cfg) {
-  struct Entry {
-    int dev;
-    unsigned ranks;
-    size_t smem;
-    int clusters;
-  };
-  static std::mutex mutex;
-  static std::vector<Entry> known;
-  int dev = 0;
-  DeviceFacts facts;
-  if (cudaGetDevice(&dev) != cudaSuccess || current_device_facts(&facts) != 0) return 0;
-  const unsigned ranks = cfg.attrs[0].val.clusterDim.x;
-  std::lock_guard<std::mutex> lock(mutex);
-  for (const Entry& e : known)
-    if (e.dev == dev && e.ranks == ranks && e.smem == cfg.dynamicSmemBytes) return e.clusters;
-  if (allow_smem_optin<kKernel>(dev, facts.smem_optin, true) != cudaSuccess) return 0;
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kKernel, &cfg) != cudaSuccess) clusters = 0;
-  if (known.size() < 256) known.push_back({dev, ranks, cfg.dynamicSmemBytes, clusters});
-  return clusters;
 }
 
 // Launches kKernel on grid (ranks, groups) in clusters of `ranks` CTAs with `smem` bytes of dynamic shared memory;

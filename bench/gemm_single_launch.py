@@ -3,17 +3,16 @@ at bench/kernels.py's GEMM shapes, on fixed buffers.
 
     . bench/device_env.sh && python bench/gemm_single_launch.py
 
-Each measurement is one launch queued behind a GPU spin (so the GPU is idle and the host has issued it before it
-starts), writing the same output buffer every time; the median of --launches. A second column times ten launches
-back to back. Sweeps (bench/gemm_sweep.py) and bench/kernels.py time long back-to-back runs into freshly allocated
-outputs: on the H100 the same kernel's time there moves with the output buffer's address and, on the multi-ms Wan
-GEMMs, with sustained power draw (docs/benchmarks.md session 13); this script holds both fixed.
+Each measurement (timing.device_ms) is one launch queued behind a GPU spin (so the GPU is idle and the host has
+issued it before it starts), writing the same output buffer every time; the median of --launches. A second column
+times ten launches back to back. Sweeps (bench/gemm_sweep.py) and bench/kernels.py time long back-to-back runs into
+freshly allocated outputs: on the H100 the same kernel's time there moves with the output buffer's address and, on
+the multi-ms Wan GEMMs, with sustained power draw (docs/benchmarks.md session 13); this script holds both fixed.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,22 +25,7 @@ from fastdm.runtime.ops import cuda as ops
 from fastdm import kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import gemm_bench_shapes  # noqa: E402
-
-
-def per_launch(fn, launches: int, back_to_back: int = 1, spin_cycles: int = 3_000_000) -> float:
-    """Median milliseconds per launch of fn(), each measurement `back_to_back` launches behind a GPU spin."""
-    times = []
-    for _ in range(launches):
-        torch.cuda._sleep(spin_cycles)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(back_to_back):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / back_to_back)
-    return statistics.median(times)
+from timing import device_ms, gemm_bench_shapes  # noqa: E402
 
 
 def time_shape(name: str, m: int, k: int, n: int, launches: int, lib) -> str:
@@ -66,8 +50,9 @@ def time_shape(name: str, m: int, k: int, n: int, launches: int, lib) -> str:
     err = float((out.float() - ref).norm() / ref.norm())
     if m * n * k >= 5e11:  # the multi-ms Wan shapes
         launches = max(6, launches // 3)
-    t1, o1 = per_launch(theirs, launches), per_launch(ours, launches)
-    t10, o10 = per_launch(theirs, 6, 10), per_launch(ours, 6, 10)
+    # device_ms: `reps` launches back to back behind a GPU spin, the median over `batches`
+    t1, o1 = device_ms(theirs, reps=1, batches=launches), device_ms(ours, reps=1, batches=launches)
+    t10, o10 = device_ms(theirs, reps=10, batches=6), device_ms(ours, reps=10, batches=6)
     flag = "" if err < 2e-2 else f" (rel L2 vs torch {err:.1e}: WRONG)"
     return (f"| {name} | {t1:.4f} | {o1:.4f} ({config}){flag} | {t1 / o1:.3f}x | {t10:.4f} / {o10:.4f}, "
             f"{t10 / o10:.3f}x |")

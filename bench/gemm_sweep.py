@@ -17,7 +17,6 @@ calls instead, host overhead included.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 from pathlib import Path
@@ -68,15 +67,6 @@ GELU = {"flux mlp 3072->12288", "flux double img mlp 3072->12288", "flux double 
 SM90_PATH = 1
 PATH_NAMES = {2: "sm80", 3: "simt", 4: "gemv"}  # fdm_gemm_last_path codes other than sm90
 MAX_REL_L2 = 2e-2  # vs torch's bf16 output: both round to bf16, so about an ulp apart
-
-
-def config_names(lib) -> list[str]:
-    names = []
-    buf = ctypes.create_string_buffer(160)
-    for i in range(lib.fdm_gemm_sm90_config_count()):
-        fdm_kernels.call("fdm_gemm_sm90_config_name", i, buf, len(buf))
-        names.append(buf.value.decode())
-    return names
 
 
 def rel_l2(ours, ref: torch.Tensor) -> float:
@@ -213,7 +203,7 @@ def main() -> None:
     if (major, minor) != (9, 0) or not lib.fdm_has_sm90():
         sys.exit(f"needs an sm90 GPU and a library built for sm_90a (device {major}.{minor}, "
                  f"fdm_has_sm90={lib.fdm_has_sm90()})")
-    names = config_names(lib)
+    names = fdm_kernels.sm90_config_names()
     configs = [int(c) for c in args.configs.split(",")] if args.configs else list(range(len(names)))
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.multi_processor_count} SMs  (torch {torch.__version__})")

@@ -172,6 +172,17 @@ def available() -> bool:
         return False
 
 
+def sm90_config_names() -> list[str]:
+    """The name of every sm90 GEMM configuration (kSm90Configs in kernels/gemm.cuh), by index."""
+    lib = library()
+    names = []
+    for index in range(lib.fdm_gemm_sm90_config_count()):
+        buf = ctypes.create_string_buffer(160)
+        call("fdm_gemm_sm90_config_name", index, buf, len(buf))
+        names.append(buf.value.decode())
+    return names
+
+
 def call(name: str, *args) -> None:
     """Call entry point `name` and raise CudaError if it reports a failure."""
     lib = library()

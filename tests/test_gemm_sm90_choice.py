@@ -23,11 +23,7 @@ def choice():
     auto = lib.fdm_gemm_sm90_auto_config
     auto.restype = ctypes.c_int
     auto.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
-    names = []
-    for i in range(lib.fdm_gemm_sm90_config_count()):
-        buf = ctypes.create_string_buffer(160)
-        kernels.call("fdm_gemm_sm90_config_name", i, buf, len(buf))
-        names.append(buf.value.decode())
+    names = kernels.sm90_config_names()
 
     def pick(m, n, k, gated=False, l2=H200_L2):
         return names[auto(m, n, k, int(gated), SMS, l2)]

@@ -70,15 +70,6 @@ def ops_cuda():
     return mod
 
 
-def config_names(lib) -> list[str]:
-    names = []
-    for i in range(lib.fdm_gemm_sm90_config_count()):
-        buf = ctypes_buffer()
-        kernels.call("fdm_gemm_sm90_config_name", i, buf, len(buf))
-        names.append(buf.value.decode())
-    return names
-
-
 def ctypes_buffer():
     return ctypes.create_string_buffer(128)
 
@@ -115,7 +106,7 @@ def run_config(lib, index: int, fn) -> Tensor:
 def check_every_config(lib, fn, ref: np.ndarray, dtype: str, gated: bool = False) -> None:
     """fn() under every configuration (every one that takes a gate, when gated) against ref; one report."""
     failures = []
-    for index, name in enumerate(config_names(lib)):
+    for index, name in enumerate(kernels.sm90_config_names()):
         if gated and not takes_gate(name):
             continue
         err = error_of(run_config(lib, index, fn), ref)
@@ -163,7 +154,7 @@ def test_gated_residual_every_config(rng, forced_sm90, dtype, shape):
 
 def test_lean_config_refuses_gated_problems(rng, forced_sm90):
     """The C-free (lean) kernel cannot add a residual: forced, it must fail loudly, not drop the residual."""
-    lean = [i for i, name in enumerate(config_names(forced_sm90)) if not takes_gate(name)]
+    lean = [i for i, name in enumerate(kernels.sm90_config_names()) if not takes_gate(name)]
     assert lean, "expected at least one lean configuration"
     x, w, b = rand(rng, "bfloat16", 1, 17, 64), rand(rng, "bfloat16", 48, 64, scale=0.125), None
     gate, residual = rand(rng, "bfloat16", 1, 48), rand(rng, "bfloat16", 1, 17, 48)
@@ -175,7 +166,7 @@ def test_lean_config_refuses_gated_problems(rng, forced_sm90):
 
 # ------------------------------------------------------------------------------------------- stream-K specifics
 def stream_k_configs(lib) -> list[int]:
-    return [i for i, name in enumerate(config_names(lib)) if "stream-k" in name]
+    return [i for i, name in enumerate(kernels.sm90_config_names()) if "stream-k" in name]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -230,7 +221,7 @@ def test_automatic_choice(rng, lib, shape):
 
 def test_config_hook_arguments(lib):
     count = lib.fdm_gemm_sm90_config_count()
-    names = config_names(lib)
+    names = kernels.sm90_config_names()
     assert len(set(names)) == count and all(names)
     with pytest.raises(CudaError):
         kernels.call("fdm_gemm_sm90_set_config", count)
@@ -251,7 +242,7 @@ def test_winners_pick_per_epilogue(rng, forced_sm90):
     x, w = gpu(rand(rng, "bfloat16", m, k)), gpu(rand(rng, "bfloat16", n, k, scale=k ** -0.5))
     b = gpu(rand(rng, "bfloat16", n, scale=0.5))
     gate, residual = gpu(rand(rng, "bfloat16", 1, n)), gpu(rand(rng, "bfloat16", 1, m, n))
-    names = config_names(forced_sm90)
+    names = kernels.sm90_config_names()
     cases = {
         "bias": lambda: ops_cuda().linear(x, w, b),
         "gelu_tanh": lambda: ops_cuda().linear(x, w, b, activation="gelu_tanh"),
@@ -278,7 +269,7 @@ def test_winners_per_card(rng, forced_sm90):
     auto = forced_sm90.fdm_gemm_sm90_auto_config
     auto.restype = ctypes.c_int
     auto.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
-    names = config_names(forced_sm90)
+    names = kernels.sm90_config_names()
     h100, h200 = (auto(4608, 12288, 3072, 0, 132, 50), auto(4608, 12288, 3072, 0, 132, 60))
     assert h100 != h200
     for l2 in (50, 60):

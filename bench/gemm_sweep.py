@@ -194,6 +194,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--only", default=None, help="only shapes whose name contains this text")
     p.add_argument("--configs", default=None, help="comma-separated configuration indices (default: all)")
+    p.add_argument("--kinds", default=None, help="comma-separated epilogues to time: bias, gelu_tanh, gated "
+                   "(default: all a shape has)")
     p.add_argument("--reps", type=int, default=20, help="back-to-back calls per timed batch")
     p.add_argument("--batches", type=int, default=5, help="timed batches per measurement (median)")
     args = p.parse_args()
@@ -222,6 +224,8 @@ def main() -> None:
             if args.only and args.only not in name:
                 continue
             kinds = ["bias"] + (["gelu_tanh"] if name in GELU else []) + (["gated"] if name in GATED else [])
+            if args.kinds:
+                kinds = [kind for kind in kinds if kind in args.kinds.split(",")]
             for kind in kinds:
                 case = Case(name, m, k, n, kind)
                 with cuda.use_stream(fdm_stream):

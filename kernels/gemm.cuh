@@ -94,8 +94,8 @@ enum Sm90Kernel : int {
   kSm90Coop192x192,      // cooperative 192x192x64, cluster 2x1 (B multicast), stream-K scheduler, the warp groups
                          // splitting the tile along N (192x96 each): cuBLAS's tiling for the large FLUX GEMMs
   kSm90Coop192x192Lean,  // kSm90Coop192x192 with the epilogue that never reads C: plain linear only (no gate)
-  // Hand-written PTX kernels (gemm_sm90_wgmma.cu), plain linears only, always data-parallel; `swizzle` is the
-  // height of the band of cluster rows the tiles walk down before moving along N.
+  // Hand-written PTX kernels (gemm_sm90_wgmma.cu), plain linears and gated residuals, always data-parallel;
+  // `swizzle` is the height of the band of cluster rows the tiles walk down before moving along N.
   kSm90Wgmma128x256,  // 128x256x64, cluster 2x1 (B multicast), warp groups splitting M (64x256 wgmmas)
   kSm90Wgmma192x192,  // 192x192x64, cluster 2x1 (B multicast), warp groups splitting N (64x96 wgmmas)
   kSm90Wgmma128x160,  // 128x160x64, cluster 2x1 (B multicast), warp groups splitting M (64x160 wgmmas)
@@ -159,17 +159,13 @@ inline constexpr Sm90Config kSm90Configs[] = {
 };
 inline constexpr int kSm90ConfigCount = int(sizeof(kSm90Configs) / sizeof(kSm90Configs[0]));
 
-// The C-reading kernel of the same tiling that serves a lean (C-free epilogue) or wgmma kernel's gated problems;
-// any other kernel itself.
+// The C-reading kernel of the same tiling that serves a lean (C-free epilogue) kernel's gated problems; any other
+// kernel itself.
 inline constexpr Sm90Kernel sm90_full_kernel(Sm90Kernel k) {
-  return k == kSm90Coop128x256Lean || k == kSm90Wgmma128x256   ? kSm90Coop128x256
-         : k == kSm90Coop192x192Lean || k == kSm90Wgmma192x192 ? kSm90Coop192x192
-         : k == kSm90Wgmma128x160 || k == kSm90Wgmma128x160C2x2 ? kSm90Coop128x160
-                                                                : k;
+  return k == kSm90Coop128x256Lean ? kSm90Coop128x256 : k == kSm90Coop192x192Lean ? kSm90Coop192x192 : k;
 }
 
-// Whether a configuration can run gated problems (gate/residual set): the lean and wgmma epilogues have no C
-// operand.
+// Whether a configuration can run gated problems (gate/residual set): the lean epilogues have no C operand.
 inline constexpr bool sm90_config_takes_gate(const Sm90Config& c) { return sm90_full_kernel(c.kernel) == c.kernel; }
 
 // sm90 (kernels/sm90/gemm_sm90*.cu; declared only where they are compiled in). Returns kGemmNotSupported when

@@ -1,5 +1,6 @@
-// sm90 linear kernels written directly in PTX (no CUTLASS): out = act(x @ w^T + bias), 16-bit, plain linears only
-// (gated residuals run the CUTLASS kernels).
+// sm90 linear kernels written directly in PTX (no CUTLASS), 16-bit:
+//   plain linear:    out = act(x @ w^T + bias)
+//   gated residual:  out = residual + gate[n] * (x @ w^T + bias)   (one gate row a launch, as gemm.cu splits them)
 //
 // Why a second kernel family beside the CUTLASS ones: at the FLUX / SDXL / Wan shapes the CUTLASS cooperative
 // kernels ran 5-10% behind cuBLAS with the same wgmma shapes, executing ~25% more instructions (session 9 ncu),
@@ -16,7 +17,11 @@
 //     writes into it too).
 // Epilogue (consumers, per tile): acc + bias (bias fetched at the tile's start), activation, rounded to 16 bits,
 // one 64 x 32 box at a time into a ring of shared buffers that TMA stores drain while later boxes are written and
-// the next tile's mainloop runs; the producer is already loading the next tile's stages. Edges cost nothing: TMA
+// the next tile's mainloop runs; the producer is already loading the next tile's stages. The gated form reads the
+// residual through the same ring: a loader thread (warp 1 of warp group 0) TMA-loads each residual box into the slot
+// its output box will be written to, as soon as that slot's previous store has left it (so the first boxes of a
+// tile arrive during its mainloop), and each thread reads its residual pairs from the positions it then overwrites.
+// Edges cost nothing: TMA
 // zero-fills out-of-range loads and clips stores, so any M, any K % 8 == 0 and N % 8 == 0 work.
 #include "bulk_copy.cuh"
 #include "cluster_occupancy.cuh"
@@ -34,15 +39,17 @@ namespace {
 constexpr int kTileK = 64;
 constexpr int kThreads = 384;          // producer warp group + two consumer warp groups
 constexpr int kBoxBytes = 64 * 32 * 2; // an epilogue store box: 64 rows x 32 columns of 16-bit values
-constexpr int kRing = 4;               // epilogue boxes in flight per consumer (a ring of shared buffers)
 constexpr int kSmemOptin = 232448;     // the most dynamic shared memory an sm90 CTA may opt into (227 KiB)
 
 // A CTA tile of kM x kN, k-blocks of 64. The two consumer warp groups split it along M (64 rows each, one
 // wgmma of 64 x kN a k-step) or along N (kN/2 columns each, kM/64 wgmmas of 64 x kN/2 a k-step). A cluster is
 // kClusterM x kClusterN tiles: the kClusterM CTAs of a tile column share its w tile, each loading a 1/kClusterM
-// share multicast to all of them, and the kClusterN CTAs of a tile row likewise share the x tile.
-template <int kM_, int kN_, bool kSplitN_, int kClusterM_ = 2, int kClusterN_ = 1>
+// share multicast to all of them, and the kClusterN CTAs of a tile row likewise share the x tile. kRing: epilogue
+// boxes in flight per consumer (a ring of shared buffers); a slot is refilled two boxes after its store was issued,
+// so a gated kernel has kRing - 2 residual boxes loaded ahead of the epilogue while the mainloop runs.
+template <int kM_, int kN_, bool kSplitN_, int kClusterM_ = 2, int kClusterN_ = 1, int kRing_ = 4>
 struct Tiling {
+  static constexpr int kRing = kRing_;
   static constexpr int kM = kM_, kN = kN_;
   static constexpr bool kSplitN = kSplitN_;
   static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_, kClusterSize = kClusterM * kClusterN;
@@ -57,11 +64,13 @@ struct Tiling {
   static constexpr int kShareBytesB = kStageBytesB / kClusterM;  // ... and of the w tile
   static constexpr int kEpilogueBytes = 2 * kRing * kBoxBytes;
   // As many stages as fit beside the epilogue ring, the barriers and the base alignment slack.
-  static constexpr int kStages = (kSmemOptin - 1024 - kEpilogueBytes - 256) / (kStageBytesA + kStageBytesB);
+  static constexpr int kStages = (kSmemOptin - 1024 - kEpilogueBytes - 512) / (kStageBytesA + kStageBytesB);
   static constexpr int kOffsetB = kStages * kStageBytesA;
   static constexpr int kOffsetEpilogue = kOffsetB + kStages * kStageBytesB;
   static constexpr int kOffsetBarriers = kOffsetEpilogue + kEpilogueBytes;
-  static constexpr int kSmemBytes = kOffsetBarriers + 2 * kStages * 8 + 1024;
+  // full / empty per stage, then residual full / empty per epilogue ring slot of each consumer
+  static constexpr int kBarrierBytes = (2 * kStages + 2 * 2 * kRing) * 8;
+  static constexpr int kSmemBytes = kOffsetBarriers + kBarrierBytes + 1024;
   static_assert(kStages >= 3 && kSmemBytes <= kSmemOptin, "too little shared memory for a pipeline");
   static_assert(kM % 64 == 0 && kCols % 32 == 0 && (kN / 2) % 8 == 0);
   static_assert(kShareBytesA % 1024 == 0 && kShareBytesB % 1024 == 0 && (kCols * 128) % 1024 == 0,
@@ -73,6 +82,9 @@ __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
   return r;
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -241,18 +253,24 @@ struct TileWalk {
 
 struct KernelArgs {
   const void* bias;  // [N] or null
+  const void* gate;  // [N] (the gated form only)
   int N, k_blocks, blocks;
   TileWalk walk;
 };
 
-template <typename T, typename E, int Act>
+// kGated: out = residual + gate * (acc + bias) with the residual read through map_res (Act is none); otherwise
+// out = act(acc + bias) and map_res is unused.
+template <typename T, typename E, int Act, bool kGated>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_linear_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
-                        const __grid_constant__ CUtensorMap map_out, const KernelArgs args) {
+                        const __grid_constant__ CUtensorMap map_out, const __grid_constant__ CUtensorMap map_res,
+                        const KernelArgs args) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kOffsetBarriers);
   uint64_t* empty = full + T::kStages;
+  uint64_t* res_full = empty + T::kStages;  // [consumer * kRing + slot]: the slot holds its residual box
+  uint64_t* res_empty = res_full + 2 * T::kRing;  // [consumer * kRing + slot]: the slot's last store has left it
 
   const int warp_group = threadIdx.x / 128;
   const uint32_t rank = cluster_rank();
@@ -260,6 +278,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < T::kStages; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], T::kEmptyArrivals);
+    }
+    for (int i = 0; i < 2 * T::kRing; ++i) {
+      mbar_init(&res_full[i], 1);
+      mbar_init(&res_empty[i], 1);
     }
     fence_barrier_init();
   }
@@ -300,6 +322,29 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
+    } else if (kGated && threadIdx.x == 32) {
+      // The residual loader: every epilogue box of every tile, in the order the consumers write them (box by box,
+      // the two consumers in turn), each into its consumer's ring slot once the slot's previous store has left.
+      uint32_t issued = 0;  // boxes issued to each consumer
+      for (int block = cluster; block < args.blocks; block += clusters) {
+        int bm, bn;
+        args.walk.locate(block, &bm, &bn);
+        const int m0 = (bm * T::kClusterM + rm) * T::kM, n0 = (bn * T::kClusterN + rn) * T::kN;
+        for (int a = 0; a < T::kAtoms; ++a) {
+          for (int box = 0; box < T::kCols / 32; ++box, ++issued) {
+            const int slot = int(issued % T::kRing);
+            const uint32_t parity = ((issued / T::kRing) & 1) ^ 1;
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int row0 = T::kSplitN ? 0 : 64 * c, col0 = T::kSplitN ? T::kCols * c : 0;
+              mbar_wait(&res_empty[c * T::kRing + slot], parity);
+              mbar_expect_tx(&res_full[c * T::kRing + slot], kBoxBytes);
+              tma_load(smem + T::kOffsetEpilogue + (c * T::kRing + slot) * kBoxBytes, &map_res,
+                       &res_full[c * T::kRing + slot], n0 + col0 + 32 * box, m0 + row0 + 64 * a);
+            }
+          }
+        }
+      }
     }
   } else {
     setmaxnreg_inc<232>();
@@ -313,8 +358,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
     // This consumer's rows and columns within the tile, and its slices of the stage buffers.
     const int row0 = T::kSplitN ? 0 : 64 * consumer, col0 = T::kSplitN ? T::kCols * consumer : 0;
-    uint8_t* ring = smem + T::kOffsetEpilogue + consumer * (kRing * kBoxBytes);
+    uint8_t* ring = smem + T::kOffsetEpilogue + consumer * (T::kRing * kBoxBytes);
     const E* bias = static_cast<const E*>(args.bias);
+    const E* gate = static_cast<const E*>(args.gate);
     float acc[T::kAtoms][T::kAccPerAtom];
     int s = 0;
     uint32_t phase = 0;
@@ -325,11 +371,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int m0 = (bm * T::kClusterM + rm) * T::kM, n0 = (bn * T::kClusterN + rn) * T::kN;
       // This tile's bias pairs, fetched now so the loads land during the mainloop: the pair for 8-column group i is
       // columns 8 i + 2 (lane % 4) + {0, 1} of this consumer's columns.
-      uint32_t bias2[T::kCols / 8];
+      // The gated form's gate pairs likewise.
+      uint32_t bias2[T::kCols / 8], gate2[kGated ? T::kCols / 8 : 1];
 #pragma unroll
       for (int i = 0; i < T::kCols / 8; ++i) {
         const int col = n0 + col0 + 8 * i + 2 * (lane % 4);
         bias2[i] = bias && col < args.N ? __ldg(reinterpret_cast<const unsigned int*>(bias + col)) : 0u;
+        if constexpr (kGated) gate2[i] = col < args.N ? __ldg(reinterpret_cast<const unsigned int*>(gate + col)) : 0u;
       }
 
       int prev = -1;
@@ -367,26 +415,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int a = 0; a < T::kAtoms; ++a) {
 #pragma unroll
         for (int box = 0; box < T::kCols / 32; ++box) {
-          uint8_t* buf = ring + (boxes % kRing) * kBoxBytes;
+          const int slot = int(boxes % T::kRing);
+          uint8_t* buf = ring + slot * kBoxBytes;
+          if constexpr (kGated) mbar_wait(&res_full[consumer * T::kRing + slot], (boxes / T::kRing) & 1);
 #pragma unroll
           for (int g = 0; g < 4; ++g) {
             const int i = 4 * box + g;
             const float2 b = unpack2<E>(bias2[i]);
             const float* v = &acc[a][4 * i];
-            const uint32_t lo = pack2<E>(epilogue_act<Act>(v[0] + b.x), epilogue_act<Act>(v[1] + b.y));
-            const uint32_t hi = pack2<E>(epilogue_act<Act>(v[2] + b.x), epilogue_act<Act>(v[3] + b.y));
             // 16-byte chunk g of the row's 64 bytes, swizzled (64B) by bits 1-2 of the row; rows r and r + 8 share
             // the pattern.
             const int chunk = ((g ^ ((row / 2) % 4)) * 16) + 4 * (lane % 4);
-            *reinterpret_cast<uint32_t*>(buf + row * 64 + chunk) = lo;
-            *reinterpret_cast<uint32_t*>(buf + (row + 8) * 64 + chunk) = hi;
+            uint32_t* lo_at = reinterpret_cast<uint32_t*>(buf + row * 64 + chunk);
+            uint32_t* hi_at = reinterpret_cast<uint32_t*>(buf + (row + 8) * 64 + chunk);
+            if constexpr (kGated) {
+              const float2 gt = unpack2<E>(gate2[i]), r_lo = unpack2<E>(*lo_at), r_hi = unpack2<E>(*hi_at);
+              *lo_at = pack2<E>(r_lo.x + gt.x * (v[0] + b.x), r_lo.y + gt.y * (v[1] + b.y));
+              *hi_at = pack2<E>(r_hi.x + gt.x * (v[2] + b.x), r_hi.y + gt.y * (v[3] + b.y));
+            } else {
+              *lo_at = pack2<E>(epilogue_act<Act>(v[0] + b.x), epilogue_act<Act>(v[1] + b.y));
+              *hi_at = pack2<E>(epilogue_act<Act>(v[2] + b.x), epilogue_act<Act>(v[3] + b.y));
+            }
           }
           fence_proxy_async();
           named_barrier(1 + consumer, 128);
           if (t == 0) {
             tma_store(&map_out, buf, n0 + col0 + 32 * box, m0 + row0 + 64 * a);
             bulk_commit();
-            bulk_wait_read<kRing - 2>();
+            bulk_wait_read<T::kRing - 2>();
+            // The store of box boxes - (kRing - 2) has left its slot: the loader may refill it.
+            if (kGated && boxes >= T::kRing - 2)
+              mbar_arrive(&res_empty[consumer * T::kRing + (boxes - (T::kRing - 2)) % T::kRing]);
           }
           ++boxes;
         }
@@ -417,34 +476,37 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
-// A row-major [rows, cols] 16-bit matrix moved in boxes of box_rows x box_cols: loads 64 columns (128-byte rows,
-// 128B swizzle, as wgmma reads them), stores 32 (64-byte rows, 64B swizzle, as the epilogue writes them).
-bool make_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, int box_rows, bool bf16, bool load) {
+// A row-major [rows, cols] 16-bit matrix moved in boxes of box_rows x box_cols: operands in 64 columns (128-byte
+// rows, 128B swizzle, as wgmma reads them), the epilogue's output and residual in 32 (64-byte rows, 64B swizzle, as
+// the epilogue writes them).
+bool make_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, int box_rows, bool bf16, bool operand) {
   EncodeTiled encode = encode_tiled();
   if (!encode) return false;
   const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
   const cuuint64_t strides[1] = {cuuint64_t(cols) * 2};
-  const cuuint32_t box[2] = {load ? 64u : 32u, cuuint32_t(box_rows)};
+  const cuuint32_t box[2] = {operand ? 64u : 32u, cuuint32_t(box_rows)};
   const cuuint32_t unit[2] = {1, 1};
   return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
                 const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                load ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
-                load ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                operand ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
+                operand ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_NONE,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, typename E, int Act>
+template <typename T, typename E, int Act, bool kGated>
 int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   const bool bf16 = std::is_same_v<E, __nv_bfloat16>;
-  CUtensorMap map_x, map_w, map_out;
+  CUtensorMap map_x, map_w, map_out, map_res;
   if (!make_map(&map_x, p.x, p.M, p.K, T::kM / T::kClusterN, bf16, true) ||
       !make_map(&map_w, p.w, p.N, p.K, T::kN / T::kClusterM, bf16, true) ||
-      !make_map(&map_out, p.out, p.M, p.N, 64, bf16, false))
+      !make_map(&map_out, p.out, p.M, p.N, 64, bf16, false) ||
+      !make_map(&map_res, kGated ? p.residual : p.out, p.M, p.N, 64, bf16, false))
     return kGemmNotSupported;
 
   const int tiles_m = int(ceil_div(p.M, T::kM)), tiles_n = int(ceil_div(p.N, T::kN));
   KernelArgs args = {};
   args.bias = p.bias;
+  args.gate = p.gate;
   args.N = int(p.N);
   args.k_blocks = int(ceil_div(p.K, kTileK));
   args.walk.block_rows = int(ceil_div(tiles_m, T::kClusterM));
@@ -464,31 +526,38 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
   cfg.gridDim = dim3(T::kClusterSize);  // one cluster for the occupancy query; the grid is sized by its answer
-  constexpr auto kKernel = wgmma_linear_kernel<T, E, Act>;
+  constexpr auto kKernel = wgmma_linear_kernel<T, E, Act, kGated>;
   const int resident = resident_clusters<kKernel>(cfg);
   if (resident <= 0) {
     cudaGetLastError();  // a query's failure is not the caller's error
     return kGemmNotSupported;
   }
   cfg.gridDim = dim3(T::kClusterSize * (args.blocks < resident ? args.blocks : resident));
-  if (cudaLaunchKernelEx(&cfg, kKernel, map_x, map_w, map_out, args) != cudaSuccess) return launch_status();
+  if (cudaLaunchKernelEx(&cfg, kKernel, map_x, map_w, map_out, map_res, args) != cudaSuccess) return launch_status();
   return 0;
 }
 
 template <typename T, typename E>
 int launch_act(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   switch (p.act) {
-    case kActNone: return launch<T, E, kActNone>(p, c, stream);
-    case kActGeluTanh: return launch<T, E, kActGeluTanh>(p, c, stream);
-    case kActGelu: return launch<T, E, kActGelu>(p, c, stream);
-    case kActSilu: return launch<T, E, kActSilu>(p, c, stream);
+    case kActNone: return launch<T, E, kActNone, false>(p, c, stream);
+    case kActGeluTanh: return launch<T, E, kActGeluTanh, false>(p, c, stream);
+    case kActGelu: return launch<T, E, kActGelu, false>(p, c, stream);
+    case kActSilu: return launch<T, E, kActSilu, false>(p, c, stream);
     default: return kGemmNotSupported;
   }
 }
 
 template <typename T>
 int launch_tiling(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
-  if (p.gate || p.residual || p.K <= 0 || p.M <= 0 || p.N <= 0) return kGemmNotSupported;
+  // A gated residual needs both operands and no activation (linear_sm90 also keeps it to one gate row a launch).
+  if ((p.gate != nullptr) != (p.residual != nullptr) || p.K <= 0 || p.M <= 0 || p.N <= 0) return kGemmNotSupported;
+  if (p.gate) {
+    if (p.act != kActNone) return kGemmNotSupported;
+    if (p.dtype == FDM_BF16) return launch<T, __nv_bfloat16, kActNone, true>(p, c, stream);
+    if (p.dtype == FDM_F16) return launch<T, __half, kActNone, true>(p, c, stream);
+    return kGemmNotSupported;
+  }
   if (p.dtype == FDM_BF16) return launch_act<T, __nv_bfloat16>(p, c, stream);
   if (p.dtype == FDM_F16) return launch_act<T, __half>(p, c, stream);
   return kGemmNotSupported;

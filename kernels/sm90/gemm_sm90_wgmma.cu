@@ -39,23 +39,26 @@ namespace {
 constexpr int kTileK = 64;
 constexpr int kThreads = 384;          // producer warp group + two consumer warp groups
 constexpr int kBoxBytes = 64 * 32 * 2; // an epilogue store box: 64 rows x 32 columns of 16-bit values
+// Epilogue boxes in flight per consumer (a ring of shared buffers). A slot is refilled two boxes after its store was
+// issued, so a gated kernel has kRing - 2 residual boxes loaded ahead of the epilogue while the mainloop runs.
+constexpr int kRing = 4;
 constexpr int kSmemOptin = 232448;     // the most dynamic shared memory an sm90 CTA may opt into (227 KiB)
 
 // A CTA tile of kM x kN, k-blocks of 64. The two consumer warp groups split it along M (64 rows each, one
 // wgmma of 64 x kN a k-step) or along N (kN/2 columns each, kM/64 wgmmas of 64 x kN/2 a k-step). A cluster is
 // kClusterM x kClusterN tiles: the kClusterM CTAs of a tile column share its w tile, each loading a 1/kClusterM
-// share multicast to all of them, and the kClusterN CTAs of a tile row likewise share the x tile. kRing: epilogue
-// boxes in flight per consumer (a ring of shared buffers); a slot is refilled two boxes after its store was issued,
-// so a gated kernel has kRing - 2 residual boxes loaded ahead of the epilogue while the mainloop runs.
-template <int kM_, int kN_, bool kSplitN_, int kClusterM_ = 2, int kClusterN_ = 1, int kRing_ = 4>
+// share multicast to all of them, and the kClusterN CTAs of a tile row likewise share the x tile.
+template <int kM_, int kN_, bool kSplitN_, int kClusterM_ = 2, int kClusterN_ = 1>
 struct Tiling {
-  static constexpr int kRing = kRing_;
   static constexpr int kM = kM_, kN = kN_;
   static constexpr bool kSplitN = kSplitN_;
   static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_, kClusterSize = kClusterM * kClusterN;
   static constexpr int kEmptyArrivals = kClusterSize * 8;  // every consumer warp of the cluster frees a stage
   static constexpr int kRows = kSplitN ? kM : 64;     // a consumer's rows
   static constexpr int kCols = kSplitN ? kN / 2 : kN;  // a consumer's columns (the wgmma N)
+  // Where consumer c's rows and columns start within the tile.
+  static __device__ __forceinline__ int consumer_row0(int c) { return kSplitN ? 0 : 64 * c; }
+  static __device__ __forceinline__ int consumer_col0(int c) { return kSplitN ? kCols * c : 0; }
   static constexpr int kAtoms = kRows / 64;            // wgmmas a k-step
   static constexpr int kAccPerAtom = kCols / 2;        // fp32 accumulators a thread holds per atom
   static constexpr int kStageBytesA = kM * kTileK * 2;
@@ -270,7 +273,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kOffsetBarriers);
   uint64_t* empty = full + T::kStages;
   uint64_t* res_full = empty + T::kStages;  // [consumer * kRing + slot]: the slot holds its residual box
-  uint64_t* res_empty = res_full + 2 * T::kRing;  // [consumer * kRing + slot]: the slot's last store has left it
+  uint64_t* res_empty = res_full + 2 * kRing;  // [consumer * kRing + slot]: the slot's last store has left it
+  // Epilogue ring slot `slot` of consumer c.
+  const auto ring_slot = [smem](int c, int slot) {
+    return smem + T::kOffsetEpilogue + (c * kRing + slot) * kBoxBytes;
+  };
 
   const int warp_group = threadIdx.x / 128;
   const uint32_t rank = cluster_rank();
@@ -279,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], T::kEmptyArrivals);
     }
-    for (int i = 0; i < 2 * T::kRing; ++i) {
+    for (int i = 0; i < 2 * kRing; ++i) {
       mbar_init(&res_full[i], 1);
       mbar_init(&res_empty[i], 1);
     }
@@ -296,15 +303,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < T::kClusterN; ++i) row_mask |= uint16_t(1u << (rm + i * T::kClusterM));
 #pragma unroll
   for (int i = 0; i < T::kClusterM; ++i) col_mask |= uint16_t(1u << (i + rn * T::kClusterM));
+  // The first row and column of this CTA's tile in the cluster's block `block`.
+  const auto tile_origin = [&args, rm, rn](int block, int* m0, int* n0) {
+    int bm, bn;
+    args.walk.locate(block, &bm, &bn);
+    *m0 = (bm * T::kClusterM + rm) * T::kM;
+    *n0 = (bn * T::kClusterN + rn) * T::kN;
+  };
   if (warp_group == 0) {
     setmaxnreg_dec<40>();
     if (threadIdx.x == 0) {
       int s = 0;
       uint32_t phase = 0;
       for (int block = cluster; block < args.blocks; block += clusters) {
-        int bm, bn;
-        args.walk.locate(block, &bm, &bn);
-        const int m0 = (bm * T::kClusterM + rm) * T::kM, n0 = (bn * T::kClusterN + rn) * T::kN;
+        int m0, n0;
+        tile_origin(block, &m0, &n0);
         for (int kb = 0; kb < args.k_blocks; ++kb) {
           mbar_wait(&empty[s], phase ^ 1);
           mbar_expect_tx(&full[s], T::kStageBytesA + T::kStageBytesB);
@@ -327,20 +340,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       // the two consumers in turn), each into its consumer's ring slot once the slot's previous store has left.
       uint32_t issued = 0;  // boxes issued to each consumer
       for (int block = cluster; block < args.blocks; block += clusters) {
-        int bm, bn;
-        args.walk.locate(block, &bm, &bn);
-        const int m0 = (bm * T::kClusterM + rm) * T::kM, n0 = (bn * T::kClusterN + rn) * T::kN;
+        int m0, n0;
+        tile_origin(block, &m0, &n0);
         for (int a = 0; a < T::kAtoms; ++a) {
           for (int box = 0; box < T::kCols / 32; ++box, ++issued) {
-            const int slot = int(issued % T::kRing);
-            const uint32_t parity = ((issued / T::kRing) & 1) ^ 1;
+            const int slot = int(issued % kRing);
+            const uint32_t parity = ((issued / kRing) & 1) ^ 1;
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-              const int row0 = T::kSplitN ? 0 : 64 * c, col0 = T::kSplitN ? T::kCols * c : 0;
-              mbar_wait(&res_empty[c * T::kRing + slot], parity);
-              mbar_expect_tx(&res_full[c * T::kRing + slot], kBoxBytes);
-              tma_load(smem + T::kOffsetEpilogue + (c * T::kRing + slot) * kBoxBytes, &map_res,
-                       &res_full[c * T::kRing + slot], n0 + col0 + 32 * box, m0 + row0 + 64 * a);
+              const int row0 = T::consumer_row0(c), col0 = T::consumer_col0(c);
+              mbar_wait(&res_empty[c * kRing + slot], parity);
+              mbar_expect_tx(&res_full[c * kRing + slot], kBoxBytes);
+              tma_load(ring_slot(c, slot), &map_res,
+                       &res_full[c * kRing + slot], n0 + col0 + 32 * box, m0 + row0 + 64 * a);
             }
           }
         }
@@ -357,8 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
     // This consumer's rows and columns within the tile, and its slices of the stage buffers.
-    const int row0 = T::kSplitN ? 0 : 64 * consumer, col0 = T::kSplitN ? T::kCols * consumer : 0;
-    uint8_t* ring = smem + T::kOffsetEpilogue + consumer * (T::kRing * kBoxBytes);
+    const int row0 = T::consumer_row0(consumer), col0 = T::consumer_col0(consumer);
     const E* bias = static_cast<const E*>(args.bias);
     const E* gate = static_cast<const E*>(args.gate);
     float acc[T::kAtoms][T::kAccPerAtom];
@@ -366,9 +377,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     uint32_t boxes = 0;  // epilogue boxes this consumer has stored: the next one goes to ring slot boxes % kRing
     for (int block = cluster; block < args.blocks; block += clusters) {
-      int bm, bn;
-      args.walk.locate(block, &bm, &bn);
-      const int m0 = (bm * T::kClusterM + rm) * T::kM, n0 = (bn * T::kClusterN + rn) * T::kN;
+      int m0, n0;
+      tile_origin(block, &m0, &n0);
       // This tile's bias pairs, fetched now so the loads land during the mainloop: the pair for 8-column group i is
       // columns 8 i + 2 (lane % 4) + {0, 1} of this consumer's columns.
       // The gated form's gate pairs likewise.
@@ -415,9 +425,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int a = 0; a < T::kAtoms; ++a) {
 #pragma unroll
         for (int box = 0; box < T::kCols / 32; ++box) {
-          const int slot = int(boxes % T::kRing);
-          uint8_t* buf = ring + slot * kBoxBytes;
-          if constexpr (kGated) mbar_wait(&res_full[consumer * T::kRing + slot], (boxes / T::kRing) & 1);
+          const int slot = int(boxes % kRing);
+          uint8_t* buf = ring_slot(consumer, slot);
+          if constexpr (kGated) mbar_wait(&res_full[consumer * kRing + slot], (boxes / kRing) & 1);
 #pragma unroll
           for (int g = 0; g < 4; ++g) {
             const int i = 4 * box + g;
@@ -442,10 +452,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (t == 0) {
             tma_store(&map_out, buf, n0 + col0 + 32 * box, m0 + row0 + 64 * a);
             bulk_commit();
-            bulk_wait_read<T::kRing - 2>();
+            bulk_wait_read<kRing - 2>();
             // The store of box boxes - (kRing - 2) has left its slot: the loader may refill it.
-            if (kGated && boxes >= T::kRing - 2)
-              mbar_arrive(&res_empty[consumer * T::kRing + (boxes - (T::kRing - 2)) % T::kRing]);
+            if (kGated && boxes >= kRing - 2)
+              mbar_arrive(&res_empty[consumer * kRing + (boxes - (kRing - 2)) % kRing]);
           }
           ++boxes;
         }

@@ -87,6 +87,8 @@ SIGNATURES: dict[str, list] = {
     "fdm_gemm_sm90_config_name": [I, ctypes.c_char_p, I64],
     # configurations measured on this machine (scripts/tune_gemm.py): (M, N, K, gated, config|-1); clear forgets all
     "fdm_gemm_sm90_set_tuned": [I64, I64, I64, I, I],
+    # the configuration the automatic choice picks, a query: (M, N, K, gated, sm_count, l2_mib) -> index
+    "fdm_gemm_sm90_auto_config": [I64, I64, I64, I, I, I],
     "fdm_gemm_sm90_clear_tuned": [],
     # im2col.cu: (x, w, bias|None, out, workspace, workspace_bytes, N, C, H, W, O, kh, kw, sh, sw, ph, pw, dtype,
     #  stream)

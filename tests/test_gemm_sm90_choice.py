@@ -2,7 +2,6 @@
 through fdm_gemm_sm90_auto_config for a given SM count and L2 size. Host code only: runs without a GPU wherever the
 kernel library is built for sm_90a (CI builds it)."""
 
-import ctypes
 import math
 
 import pytest
@@ -20,13 +19,10 @@ def choice():
     lib = kernels.library()
     if not lib.fdm_has_sm90():
         pytest.skip("the kernel library was built without sm_90a")
-    auto = lib.fdm_gemm_sm90_auto_config
-    auto.restype = ctypes.c_int
-    auto.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     names = kernels.sm90_config_names()
 
     def pick(m, n, k, gated=False, l2=H200_L2):
-        return names[auto(m, n, k, int(gated), SMS, l2)]
+        return names[lib.fdm_gemm_sm90_auto_config(m, n, k, int(gated), SMS, l2)]
 
     return pick
 

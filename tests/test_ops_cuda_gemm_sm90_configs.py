@@ -235,14 +235,6 @@ def test_config_hook_arguments(lib):
 
 
 # ------------------------------------------------------------------------------------------ the winners table
-def auto_config(lib):
-    """fdm_gemm_sm90_auto_config(M, N, K, gated, sm_count, l2_mib): the configuration the library picks for a card."""
-    auto = lib.fdm_gemm_sm90_auto_config
-    auto.restype = ctypes.c_int
-    auto.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
-    return auto
-
-
 def test_winners_pick_per_epilogue(rng, forced_sm90):
     """kSm90Winners in kernels/gemm.cu picks by epilogue at FLUX's attention-out shape (4608 x 3072 -> 3072): the
     plain winner for a bias-only linear and for linear + gelu_tanh, the row's gated winner (a configuration that
@@ -253,7 +245,7 @@ def test_winners_pick_per_epilogue(rng, forced_sm90):
     b = gpu(rand(rng, "bfloat16", n, scale=0.5))
     gate, residual = gpu(rand(rng, "bfloat16", 1, n)), gpu(rand(rng, "bfloat16", 1, m, n))
     names = kernels.sm90_config_names()
-    auto = auto_config(forced_sm90)
+    auto = forced_sm90.fdm_gemm_sm90_auto_config
     dev = cuda.Device(0)
     card = (dev.multiprocessor_count, dev.l2_cache_size >> 20)
     cases = {
@@ -279,7 +271,7 @@ def test_winners_per_card(rng, forced_sm90):
     differs between the two cards, and both gated choices take a gate; a shape with one untagged row (the
     double-stream text mlp up) and one with no row (the rule) choose alike on both. On this GPU the configuration a
     real linear runs is the one fdm_gemm_sm90_auto_config names for this card's SM count and L2 size."""
-    auto = auto_config(forced_sm90)
+    auto = forced_sm90.fdm_gemm_sm90_auto_config
     names = kernels.sm90_config_names()
     h100, h200 = (auto(4608, 12288, 3072, 0, 132, 50), auto(4608, 12288, 3072, 0, 132, 60))
     assert h100 != h200

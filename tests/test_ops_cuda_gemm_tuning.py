@@ -2,7 +2,6 @@
 configurations, recording a winner in the cache and in the library (fdm_gemm_sm90_set_tuned), a later process
 loading it, and the library refusing a tuned configuration that cannot run the problem."""
 
-import ctypes
 import zlib
 
 import numpy as np
@@ -38,11 +37,9 @@ def tuning(monkeypatch, tmp_path):
 
 
 def auto_config(m, n, k, gated=False):
-    fn = kernels.library().fdm_gemm_sm90_auto_config
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     dev = cuda.Device(0)
-    return fn(m, n, k, int(gated), dev.multiprocessor_count, dev.l2_cache_size >> 20)
+    return kernels.library().fdm_gemm_sm90_auto_config(m, n, k, int(gated), dev.multiprocessor_count,
+                                                       dev.l2_cache_size >> 20)
 
 
 def test_measure_times_the_library_choice_and_others(tuning):

@@ -26,6 +26,8 @@ SIGNATURES: dict[str, list] = {
     # status.cu
     "fdm_abi_version": [],
     "fdm_has_sm90": [],
+    # programmatic dependent launch (kernels/pdl.cuh): switch on (1) / off (0); returns the previous switch
+    "fdm_pdl_set": [I],
     # -- elementwise.cu / norms.cu / rope.cu / misc (hand-written kernels) --
     # elementwise.cu. (x, y, n, act, dtype, stream); act 0 gelu (erf), 1 gelu (tanh), 2 silu, 3 quick_gelu
     "fdm_activation": [P, P, I64, I, I, P],

@@ -4,6 +4,7 @@
 // storage keeps the libm-accurate ones.
 #include <type_traits>
 
+#include "pdl.cuh"
 #include "vec.cuh"
 
 namespace fdm {
@@ -30,6 +31,8 @@ __device__ __forceinline__ float activate(float x) {
 // y[i] = act(x[i]); the first n - n % V elements as V-wide packs, the rest one by one.
 template <typename T, int V, int A>
 __global__ void activation_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int64_t nvec = n / V;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += stride) {
@@ -45,7 +48,7 @@ __global__ void activation_kernel(const T* __restrict__ x, T* __restrict__ y, in
 template <typename T, int V, int A>
 void launch_activation(const void* x, void* y, int64_t n, cudaStream_t s) {
   const int threads = 256;
-  activation_kernel<T, V, A><<<grid_blocks(ceil_div(n, V), threads), threads, 0, s>>>(
+  launch_dependent(activation_kernel<T, V, A>, grid_blocks(ceil_div(n, V), threads), threads, 0, s,
       static_cast<const T*>(x), static_cast<T*>(y), n);
 }
 
@@ -87,6 +90,8 @@ __device__ __forceinline__ void geglu_load(const T* __restrict__ x, I base, I n,
 template <typename T, int V, bool kTanh, typename I>
 __global__ void __launch_bounds__(kGegluThreads, kGegluBlocksPerSm)
 gelu_mul_kernel(const T* __restrict__ x, T* __restrict__ y, I n, I nvec, I total) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   constexpr int U = kGegluPacks;
   const I step = static_cast<I>(gridDim.x) * (kGegluThreads * U);
   I base = static_cast<I>(blockIdx.x) * (kGegluThreads * U) + threadIdx.x;
@@ -127,11 +132,11 @@ int launch_gelu_mul(const void* x, void* y, int64_t rows, int64_t n, int approx_
   auto xt = static_cast<const T*>(x);
   auto yt = static_cast<T*>(y);
   if (approx_tanh)
-    gelu_mul_kernel<T, V, true, I><<<blocks, kGegluThreads, 0, s>>>(xt, yt, static_cast<I>(n), static_cast<I>(nvec),
-                                                                    static_cast<I>(total));
+    launch_dependent(gelu_mul_kernel<T, V, true, I>, blocks, kGegluThreads, 0, s,
+        xt, yt, static_cast<I>(n), static_cast<I>(nvec), static_cast<I>(total));
   else
-    gelu_mul_kernel<T, V, false, I><<<blocks, kGegluThreads, 0, s>>>(xt, yt, static_cast<I>(n), static_cast<I>(nvec),
-                                                                     static_cast<I>(total));
+    launch_dependent(gelu_mul_kernel<T, V, false, I>, blocks, kGegluThreads, 0, s,
+        xt, yt, static_cast<I>(n), static_cast<I>(nvec), static_cast<I>(total));
   return launch_status();
 }
 
@@ -176,6 +181,8 @@ __device__ __forceinline__ I b_offset(I e, const BDims& d) {
 template <typename T, int V, typename I>
 __global__ void binary_kernel(const T* __restrict__ a, const T* __restrict__ b, float scalar, T* __restrict__ y,
                               I n, BDims d, int op, float alpha, bool b_vec) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const I nvec = n / V;
   const I stride = static_cast<I>(gridDim.x) * blockDim.x;
   for (I i = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += stride) {
@@ -207,9 +214,9 @@ template <typename T, int V, typename I>
 void launch_binary(const void* a, const void* b, float scalar, void* y, int64_t n, const BDims& d, int op,
                    float alpha, bool b_vec, cudaStream_t s) {
   const int threads = 256;
-  binary_kernel<T, V, I><<<grid_blocks(n / V, threads), threads, 0, s>>>(
-      static_cast<const T*>(a), static_cast<const T*>(b), scalar, static_cast<T*>(y), static_cast<I>(n), d, op,
-      alpha, b_vec);
+  launch_dependent(binary_kernel<T, V, I>, grid_blocks(n / V, threads), threads, 0, s,
+      static_cast<const T*>(a), static_cast<const T*>(b), scalar, static_cast<T*>(y), static_cast<I>(n), d, op, alpha,
+      b_vec);
 }
 
 template <typename T>
@@ -246,6 +253,8 @@ struct RowVec {
 template <typename T, int V, bool kGated>
 __global__ void rowvec_kernel(const T* __restrict__ x, const T* __restrict__ z, RowVec<T> u, RowVec<T> w,
                               T* __restrict__ y, int64_t B, int64_t S, int64_t D) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int64_t rows = B * S, nvec = D / V;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t b = r / S, s = r - b * S;
@@ -283,9 +292,9 @@ int launch_rowvec(const void* x, const void* z, RowVec<T> u, RowVec<T> w, void* 
   const T* zt = static_cast<const T*>(z);
   T* yt = static_cast<T*>(y);
   if (vec)
-    rowvec_kernel<T, V, kGated><<<blocks, row_block_threads(D / V), 0, s>>>(xt, zt, u, w, yt, B, S, D);
+    launch_dependent(rowvec_kernel<T, V, kGated>, blocks, row_block_threads(D / V), 0, s, xt, zt, u, w, yt, B, S, D);
   else
-    rowvec_kernel<T, 1, kGated><<<blocks, row_block_threads(D), 0, s>>>(xt, zt, u, w, yt, B, S, D);
+    launch_dependent(rowvec_kernel<T, 1, kGated>, blocks, row_block_threads(D), 0, s, xt, zt, u, w, yt, B, S, D);
   return launch_status();
 }
 

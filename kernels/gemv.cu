@@ -4,6 +4,7 @@
 // once, so a warp per output column streams its row of W with 16-byte loads (four in flight a lane, evict-first:
 // weights are read once per call) against x from L1, float32 sums, a shuffle tree per output. Deterministic.
 #include "gemm.cuh"
+#include "pdl.cuh"
 #include "vec.cuh"
 
 namespace fdm {
@@ -16,6 +17,8 @@ template <typename T, int M>
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
             int64_t N, int K, int act) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   constexpr int V = vec16<T>();  // elements per 16-byte pack
   const int lane = threadIdx.x & 31;
   const int packs = K / V;
@@ -56,7 +59,7 @@ template <typename T, int M>
 int launch_gemv(const LinearProblem& p, int sm_count, cudaStream_t stream) {
   const int64_t want = ceil_div(p.N, int64_t{kGemvThreads / 32});
   const int64_t cap = int64_t{sm_count} * 16;  // 16 blocks of 8 warps per SM: enough loads in flight
-  gemv_kernel<T, M><<<static_cast<unsigned>(want < cap ? want : cap), kGemvThreads, 0, stream>>>(
+  launch_dependent(gemv_kernel<T, M>, static_cast<unsigned>(want < cap ? want : cap), kGemvThreads, 0, stream,
       static_cast<const T*>(p.x), static_cast<const T*>(p.w), static_cast<const T*>(p.bias), static_cast<T*>(p.out),
       p.N, static_cast<int>(p.K), p.act);
   return launch_status();

@@ -36,6 +36,7 @@
 
 #include "gemm.cuh"  // current_device_facts
 #include "group_norm.cuh"
+#include "pdl.cuh"
 #include "vec.cuh"
 
 namespace fdm {
@@ -86,6 +87,8 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 3)
 gn_nhwc_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int64_t S, int64_t C, int G, int64_t rpc,
                      int chunks, RowShape sh) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   extern __shared__ float2 smem[];
   float2* red = smem;
   float2* chan = red + sh.R * sh.ct * V;
@@ -200,6 +203,8 @@ __global__ void __launch_bounds__(256)
 gn_nhwc_finalize_kernel(const T* __restrict__ x, const float* __restrict__ stats, const T* __restrict__ w,
                         const T* __restrict__ bias, float* __restrict__ a, float* __restrict__ b,
                         float* __restrict__ k, int64_t S, int64_t C, int G, int64_t rpc, int chunks, float eps) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ Moments part[8];
   const int64_t g = blockIdx.x, n = blockIdx.y;
   const int64_t Cg = C / G;
@@ -225,6 +230,8 @@ template <typename T, int V, bool kSilu>
 __global__ void __launch_bounds__(kThreads)
 gn_nhwc_apply_kernel(const T* __restrict__ x, const float* __restrict__ a, const float* __restrict__ b,
                      const float* __restrict__ k, T* __restrict__ y, int64_t S, int64_t C, int64_t rpc, RowShape sh) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int64_t chunk = gridDim.y - 1 - blockIdx.y, n = gridDim.z - 1 - blockIdx.z;
   const int ci = threadIdx.x % sh.ct, rl = threadIdx.x / sh.ct;
   const int col = blockIdx.x * sh.ct + ci;
@@ -297,16 +304,15 @@ int launch_gn_nhwc(const void* x, const void* w, const void* bias, void* y, floa
   const T* xt = static_cast<const T*>(x);
   T* yt = static_cast<T*>(y);
   // The stats region is indexed with the launched chunk count (<= the requested one the workspace was sized for).
-  gn_nhwc_stats_kernel<T, V><<<dim3(eff, static_cast<unsigned>(N)), sh.threads, smem, stream>>>(xt, stats, S, C, G,
-                                                                                                 rpc, eff, sh);
-  gn_nhwc_finalize_kernel<T><<<dim3(static_cast<unsigned>(G), static_cast<unsigned>(N)), 256, 0,
-                               stream>>>(xt, stats, static_cast<const T*>(w), static_cast<const T*>(bias), a, b, k,
-                                         S, C, G, rpc, eff, eps);
+  launch_dependent(gn_nhwc_stats_kernel<T, V>, dim3(eff, static_cast<unsigned>(N)), sh.threads, smem, stream,
+      xt, stats, S, C, G, rpc, eff, sh);
+  launch_dependent(gn_nhwc_finalize_kernel<T>, dim3(static_cast<unsigned>(G), static_cast<unsigned>(N)), 256, 0, stream,
+      xt, stats, static_cast<const T*>(w), static_cast<const T*>(bias), a, b, k, S, C, G, rpc, eff, eps);
   const dim3 grid(sh.nslab, eff, static_cast<unsigned>(N));
   if (silu_act)
-    gn_nhwc_apply_kernel<T, V, true><<<grid, sh.threads, 0, stream>>>(xt, a, b, k, yt, S, C, rpc, sh);
+    launch_dependent(gn_nhwc_apply_kernel<T, V, true>, grid, sh.threads, 0, stream, xt, a, b, k, yt, S, C, rpc, sh);
   else
-    gn_nhwc_apply_kernel<T, V, false><<<grid, sh.threads, 0, stream>>>(xt, a, b, k, yt, S, C, rpc, sh);
+    launch_dependent(gn_nhwc_apply_kernel<T, V, false>, grid, sh.threads, 0, stream, xt, a, b, k, yt, S, C, rpc, sh);
   return launch_status();
 }
 

@@ -1,5 +1,6 @@
 // Copies and layout: strided copy (contiguous / permute / concat), dtype casts (f32, f16, bf16, fp8 e4m3fn/e5m2),
 // embedding lookup, nearest 2x upsampling. Copies move raw bytes, so they serve every dtype.
+#include "pdl.cuh"
 #include "vec.cuh"
 
 namespace fdm {
@@ -18,6 +19,8 @@ struct CopyDims {
 // dst[idx(i)] = src[idx(i)] for every multi-index i of shape; E: a plain type of the element's size.
 template <typename E, typename I>
 __global__ void copy_strided_kernel(const E* __restrict__ src, E* __restrict__ dst, I n, CopyDims d) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const I stride = static_cast<I>(gridDim.x) * blockDim.x;
   for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
     I rest = e, so = 0, doff = 0;
@@ -46,10 +49,10 @@ int launch_copy(const void* src, void* dst, int64_t n, const CopyDims& d, cudaSt
   bool neg = false;
   for (int k = 0; k < d.ndim; ++k) neg = neg || d.ss[k] < 0 || d.ds[k] < 0;
   if (!neg && n < INT32_MAX && max_off_s < INT32_MAX && max_off_d < INT32_MAX)
-    copy_strided_kernel<E, uint32_t><<<grid_blocks(n, threads), threads, 0, s>>>(
+    launch_dependent(copy_strided_kernel<E, uint32_t>, grid_blocks(n, threads), threads, 0, s,
         static_cast<const E*>(src), static_cast<E*>(dst), static_cast<uint32_t>(n), d);
   else
-    copy_strided_kernel<E, int64_t><<<grid_blocks(n, threads), threads, 0, s>>>(
+    launch_dependent(copy_strided_kernel<E, int64_t>, grid_blocks(n, threads), threads, 0, s,
         static_cast<const E*>(src), static_cast<E*>(dst), n, d);
   return launch_status();
 }
@@ -71,6 +74,8 @@ template <typename E>
 __global__ void __launch_bounds__(kTile * kTileRows, 4)
 transpose_kernel(const E* __restrict__ src, E* __restrict__ dst, TileDims t, int64_t tiles_a, int64_t tiles_b,
                  int64_t tiles) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ E tile[kTile][kTile + 1];  // tile[b - b0][a - a0]; the pad spreads columns over banks
   for (int64_t id = blockIdx.x; id < tiles; id += gridDim.x) {
     const int64_t tb = id % tiles_b, rest = id / tiles_b;
@@ -126,7 +131,7 @@ int launch_transpose(const void* src, void* dst, const TileDims& t, cudaStream_t
   for (int k = 0; k < t.nb; ++k) batch *= t.shape[k];
   const int64_t tiles_a = ceil_div(t.na, kTile), tiles_b = ceil_div(t.nbt, kTile);
   const int64_t tiles = tiles_a * tiles_b * batch;
-  transpose_kernel<E><<<grid_blocks(tiles, 1), dim3(kTile, kTileRows), 0, s>>>(
+  launch_dependent(transpose_kernel<E>, grid_blocks(tiles, 1), dim3(kTile, kTileRows), 0, s,
       static_cast<const E*>(src), static_cast<E*>(dst), t, tiles_a, tiles_b, tiles);
   return launch_status();
 }
@@ -215,6 +220,8 @@ template <> __device__ __forceinline__ F8E5M2 store_f32<F8E5M2>(float v) { retur
 // Each source value is exact in float32, so going through float32 rounds once (as ml_dtypes' astype does).
 template <typename S, typename D, int V>
 __global__ void cast_kernel(const S* __restrict__ src, D* __restrict__ dst, int64_t n) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int64_t nvec = n / V;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += stride) {
@@ -235,11 +242,11 @@ int launch_cast(const void* src, void* dst, int64_t n, cudaStream_t s) {
   const bool vec = reinterpret_cast<uintptr_t>(src) % (V * sizeof(S)) == 0 &&
                    reinterpret_cast<uintptr_t>(dst) % (V * sizeof(D)) == 0;
   if (vec)
-    cast_kernel<S, D, V><<<grid_blocks(ceil_div(n, V), threads), threads, 0, s>>>(static_cast<const S*>(src),
-                                                                                  static_cast<D*>(dst), n);
+    launch_dependent(cast_kernel<S, D, V>, grid_blocks(ceil_div(n, V), threads), threads, 0, s,
+        static_cast<const S*>(src), static_cast<D*>(dst), n);
   else
-    cast_kernel<S, D, 1><<<grid_blocks(n, threads), threads, 0, s>>>(static_cast<const S*>(src),
-                                                                     static_cast<D*>(dst), n);
+    launch_dependent(cast_kernel<S, D, 1>, grid_blocks(n, threads), threads, 0, s,
+        static_cast<const S*>(src), static_cast<D*>(dst), n);
   return launch_status();
 }
 
@@ -260,6 +267,8 @@ int cast_to(const void* src, void* dst, int dst_dtype, int64_t n, cudaStream_t s
 template <typename T, typename Id, int P>
 __global__ void embedding_kernel(const Id* __restrict__ ids, const T* __restrict__ table, T* __restrict__ out,
                                  int64_t n_ids, int64_t vocab, int64_t d) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int64_t nvec = d / P;
   for (int64_t t = blockIdx.x; t < n_ids; t += gridDim.x) {
     const int64_t id = static_cast<int64_t>(ids[t]);
@@ -282,10 +291,11 @@ int launch_embedding(const void* ids, const void* table, void* out, int64_t n_id
   auto tb = static_cast<const T*>(table);
   auto o = static_cast<T*>(out);
   if (d % V == 0 && aligned16(table) && aligned16(out))
-    embedding_kernel<T, Id, V><<<grid_blocks(n_ids, 1), row_block_threads(d / V), 0, s>>>(i, tb, o, n_ids, vocab,
-                                                                                        d);
+    launch_dependent(embedding_kernel<T, Id, V>, grid_blocks(n_ids, 1), row_block_threads(d / V), 0, s,
+        i, tb, o, n_ids, vocab, d);
   else
-    embedding_kernel<T, Id, 1><<<grid_blocks(n_ids, 1), row_block_threads(d), 0, s>>>(i, tb, o, n_ids, vocab, d);
+    launch_dependent(embedding_kernel<T, Id, 1>, grid_blocks(n_ids, 1), row_block_threads(d), 0, s,
+        i, tb, o, n_ids, vocab, d);
   return launch_status();
 }
 
@@ -293,6 +303,8 @@ int launch_embedding(const void* ids, const void* table, void* out, int64_t n_id
 // x: rows of w elements (rows = N*C*H) -> y: rows of 2w, input row r feeding output rows 2r and 2r + 1.
 template <typename E, int P>
 __global__ void upsample2x_kernel(const E* __restrict__ x, E* __restrict__ y, int64_t rows, int64_t w) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int64_t per_row = w / P, n = rows * per_row;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -314,9 +326,9 @@ int launch_upsample(const void* x, void* y, int64_t rows, int64_t w, cudaStream_
   auto xe = static_cast<const E*>(x);
   auto ye = static_cast<E*>(y);
   if (w % P == 0 && reinterpret_cast<uintptr_t>(x) % (P * sizeof(E)) == 0 && aligned16(y))
-    upsample2x_kernel<E, P><<<grid_blocks(rows * (w / P), threads), threads, 0, s>>>(xe, ye, rows, w);
+    launch_dependent(upsample2x_kernel<E, P>, grid_blocks(rows * (w / P), threads), threads, 0, s, xe, ye, rows, w);
   else
-    upsample2x_kernel<E, 1><<<grid_blocks(rows * w, threads), threads, 0, s>>>(xe, ye, rows, w);
+    launch_dependent(upsample2x_kernel<E, 1>, grid_blocks(rows * w, threads), threads, 0, s, xe, ye, rows, w);
   return launch_status();
 }
 

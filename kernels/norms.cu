@@ -16,6 +16,7 @@
 
 #include "gemm.cuh"  // current_device_facts
 #include "group_norm.cuh"
+#include "pdl.cuh"
 #include "vec.cuh"
 
 namespace fdm {
@@ -84,6 +85,8 @@ layer_norm_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __r
                   const T* __restrict__ shift, const T* __restrict__ scale, int64_t mod_sb,
                   int64_t mod_ss, T* __restrict__ y, RowLayout L, int64_t d, float eps,
                   int width) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ float smem[32];
   const int64_t nvec = d / V;
   const float inv_d = 1.f / static_cast<float>(d);
@@ -139,6 +142,8 @@ layer_norm_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __r
 template <typename T, int V>
 __global__ void __launch_bounds__(512, 1)
 rms_norm_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int64_t d, float eps, int width) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ float smem[32];
   const int64_t nvec = d / V;
   const int sub = threadIdx.x / width, lane = threadIdx.x % width;
@@ -175,6 +180,8 @@ rms_norm_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int64_t 
 template <typename T, int V>
 __global__ void __launch_bounds__(512, 1)
 softmax_kernel(const T* __restrict__ x, T* __restrict__ y, RowLayout L, int64_t d, int width) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ float smem[32];
   const int64_t nvec = d / V;
   const int sub = threadIdx.x / width, lane = threadIdx.x % width;
@@ -370,6 +377,8 @@ __global__ void __launch_bounds__(kRegMaxThreads, K <= 4 ? 2 : 1)
 layer_norm_regs_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                        const T* __restrict__ shift, const T* __restrict__ scale, int64_t mod_sb, int64_t mod_ss,
                        T* __restrict__ y, RowLayout L, int nvec, float inv_d, float eps, int width) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ float slots[2][kRegMaxThreads / 32];  // row_sum's, used when a row spans the block
   const RowCursor<kFlat> rc(width);
   // Every thread runs the same trip count (rows past the end compute nothing) so the reductions stay convergent.
@@ -394,6 +403,8 @@ __global__ void __launch_bounds__(kRegMaxThreads, K <= 4 ? 2 : 1)
 layer_norm_block_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                         const T* __restrict__ shift, const T* __restrict__ scale, int64_t mod_sb, int64_t mod_ss,
                         T* __restrict__ y, RowLayout L, int nvec, float inv_d, float eps) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ float slots[2][kRegMaxThreads / 32];
   const int64_t r = blockIdx.x;
   const int64_t o = L.outer(r), i = r - o * L.inner;
@@ -413,6 +424,8 @@ template <typename T, int V, int K, bool kFlat>
 __global__ void __launch_bounds__(kRegMaxThreads, K <= 4 ? 2 : 1)
 rms_norm_regs_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int nvec, float inv_d, float eps,
                      int width) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ float slots[2][kRegMaxThreads / 32];  // row_sum's, alternating between rows
   const RowCursor<kFlat> rc(width);
   const int lane = rc.lane;
@@ -449,6 +462,8 @@ rms_norm_regs_kernel(const T* x, const T* __restrict__ w, T* y, RowLayout L, int
 template <typename T, int V, int K>
 __global__ void __launch_bounds__(kRegMaxThreads, 1)
 softmax_regs_kernel(const T* __restrict__ x, T* __restrict__ y, RowLayout L, int nvec, int width) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ float smem[32];
   const int sub = threadIdx.x / width, lane = threadIdx.x - sub * width;
   const int64_t rpb = blockDim.x / width;
@@ -564,14 +579,14 @@ void launch_layer_norm_regs(const RegPlan& rp, const T* x, const T* w, const T* 
   with_k(rp.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     if (rp.width > 32 && L.rows <= INT32_MAX) {
-      layer_norm_block_kernel<T, V, K, kMod><<<static_cast<unsigned>(L.rows), rp.threads, 0, stream>>>(
+      launch_dependent(layer_norm_block_kernel<T, V, K, kMod>, static_cast<unsigned>(L.rows), rp.threads, 0, stream,
           x, w, b, sh, sc, mod_sb, mod_ss, y, L, nvec, inv_d, eps);
       return;
     }
     RowLayout F;
     const bool flat = flat_layout(L, F);
     with_bool(flat, [&](auto fc) {
-      layer_norm_regs_kernel<T, V, K, kMod, decltype(fc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
+      launch_dependent(layer_norm_regs_kernel<T, V, K, kMod, decltype(fc)::value>, rp.blocks, rp.threads, 0, stream,
           x, w, b, sh, sc, mod_sb, mod_ss, y, F, nvec, inv_d, eps, rp.width);
     });
   });
@@ -649,6 +664,8 @@ __device__ __forceinline__ void gn_tile_moments(const Pack<T, V> (&p)[kGnPacks],
 template <typename T, int V, typename I>
 __global__ void __launch_bounds__(kGnThreads, 2)
 group_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ ws, int64_t L, int64_t chunk, int chunks) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   __shared__ Moments part[kGnThreads / 32];
   const int64_t ng = blockIdx.y;
   const T* xc = x + ng * L + int64_t(blockIdx.x) * chunk;
@@ -676,6 +693,8 @@ __global__ void __launch_bounds__(kGnThreads, 2)
 group_norm_apply_kernel(const T* __restrict__ x, const float* __restrict__ ws, const T* __restrict__ w,
                         const T* __restrict__ b, T* __restrict__ y, int64_t L, int64_t HW, int64_t Cg, int G,
                         int64_t chunk, int chunks, float eps) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int64_t ng = gridDim.y - 1 - blockIdx.y, piece = gridDim.x - 1 - blockIdx.x;
   const int64_t n = piece_len(L, chunk, piece);
   if (n == 0) return;  // uniform over the block
@@ -748,21 +767,21 @@ int launch_group_norm(const void* x, const void* w, const void* b, void* y, floa
   const T* bt = static_cast<const T*>(b);
   T* yt = static_cast<T*>(y);
   if (small)
-    group_norm_stats_kernel<T, V, uint32_t><<<grid, kGnThreads, 0, s>>>(xt, ws, L, chunk, eff);
+    launch_dependent(group_norm_stats_kernel<T, V, uint32_t>, grid, kGnThreads, 0, s, xt, ws, L, chunk, eff);
   else
-    group_norm_stats_kernel<T, V, int64_t><<<grid, kGnThreads, 0, s>>>(xt, ws, L, chunk, eff);
+    launch_dependent(group_norm_stats_kernel<T, V, int64_t>, grid, kGnThreads, 0, s, xt, ws, L, chunk, eff);
   if (silu_act && small)
-    group_norm_apply_kernel<T, V, true, uint32_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G, chunk,
-                                                                               eff, eps);
+    launch_dependent(group_norm_apply_kernel<T, V, true, uint32_t>, grid, kGnThreads, 0, s,
+        xt, ws, wt, bt, yt, L, HW, Cg, G, chunk, eff, eps);
   else if (silu_act)
-    group_norm_apply_kernel<T, V, true, int64_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G, chunk,
-                                                                              eff, eps);
+    launch_dependent(group_norm_apply_kernel<T, V, true, int64_t>, grid, kGnThreads, 0, s,
+        xt, ws, wt, bt, yt, L, HW, Cg, G, chunk, eff, eps);
   else if (small)
-    group_norm_apply_kernel<T, V, false, uint32_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G,
-                                                                                chunk, eff, eps);
+    launch_dependent(group_norm_apply_kernel<T, V, false, uint32_t>, grid, kGnThreads, 0, s,
+        xt, ws, wt, bt, yt, L, HW, Cg, G, chunk, eff, eps);
   else
-    group_norm_apply_kernel<T, V, false, int64_t><<<grid, kGnThreads, 0, s>>>(xt, ws, wt, bt, yt, L, HW, Cg, G,
-                                                                               chunk, eff, eps);
+    launch_dependent(group_norm_apply_kernel<T, V, false, int64_t>, grid, kGnThreads, 0, s,
+        xt, ws, wt, bt, yt, L, HW, Cg, G, chunk, eff, eps);
   return launch_status();
 }
 
@@ -801,11 +820,11 @@ FDM_API int fdm_layer_norm(const void* x, const void* w, const void* b, void* y,
       launch_layer_norm_regs<T, V, false>(rp, xt, wt, bt, nullptr, nullptr, 0, 0, static_cast<T*>(y), L, d, eps,
                                           stream);
     } else if (vec)
-      layer_norm_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(xt, wt, bt, nullptr, nullptr, 0, 0,
-                                                                  static_cast<T*>(y), L, d, eps, l.width);
+      launch_dependent(layer_norm_kernel<T, V>, l.blocks, l.threads, 0, stream,
+          xt, wt, bt, nullptr, nullptr, 0, 0, static_cast<T*>(y), L, d, eps, l.width);
     else
-      layer_norm_kernel<T, 1><<<l.blocks, l.threads, 0, stream>>>(xt, wt, bt, nullptr, nullptr, 0, 0,
-                                                                  static_cast<T*>(y), L, d, eps, l.width);
+      launch_dependent(layer_norm_kernel<T, 1>, l.blocks, l.threads, 0, stream,
+          xt, wt, bt, nullptr, nullptr, 0, 0, static_cast<T*>(y), L, d, eps, l.width);
     return launch_status();
   });
   return 0;
@@ -835,11 +854,11 @@ FDM_API int fdm_layer_norm_modulate(const void* x, const void* shift, const void
       launch_layer_norm_regs<T, V, true>(rp, xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss, static_cast<T*>(y), L, d,
                                          eps, stream);
     } else if (vec)
-      layer_norm_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss,
-                                                                  static_cast<T*>(y), L, d, eps, l.width);
+      launch_dependent(layer_norm_kernel<T, V>, l.blocks, l.threads, 0, stream,
+          xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss, static_cast<T*>(y), L, d, eps, l.width);
     else
-      layer_norm_kernel<T, 1><<<l.blocks, l.threads, 0, stream>>>(xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss,
-                                                                  static_cast<T*>(y), L, d, eps, l.width);
+      launch_dependent(layer_norm_kernel<T, 1>, l.blocks, l.threads, 0, stream,
+          xt, nullptr, nullptr, sh, sc, mod_sb, mod_ss, static_cast<T*>(y), L, d, eps, l.width);
     return launch_status();
   });
   return 0;
@@ -865,14 +884,17 @@ FDM_API int fdm_rms_norm(const void* x, const void* w, void* y, int64_t rows, in
       const bool flat = flat_layout(L, F);
       with_k(rp.k, [&](auto kc) {
         with_bool(flat, [&](auto fc) {
-          rms_norm_regs_kernel<T, V, decltype(kc)::value, decltype(fc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
-              xt, wt, static_cast<T*>(y), F, static_cast<int>(d / V), 1.f / static_cast<float>(d), eps, rp.width);
+          launch_dependent(rms_norm_regs_kernel<T, V, decltype(kc)::value, decltype(fc)::value>,
+              rp.blocks, rp.threads, 0, stream, xt, wt, static_cast<T*>(y), F, static_cast<int>(d / V),
+              1.f / static_cast<float>(d), eps, rp.width);
         });
       });
     } else if (vec)
-      rms_norm_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(xt, wt, static_cast<T*>(y), L, d, eps, l.width);
+      launch_dependent(rms_norm_kernel<T, V>, l.blocks, l.threads, 0, stream,
+          xt, wt, static_cast<T*>(y), L, d, eps, l.width);
     else
-      rms_norm_kernel<T, 1><<<l.blocks, l.threads, 0, stream>>>(xt, wt, static_cast<T*>(y), L, d, eps, l.width);
+      launch_dependent(rms_norm_kernel<T, 1>, l.blocks, l.threads, 0, stream,
+          xt, wt, static_cast<T*>(y), L, d, eps, l.width);
     return launch_status();
   });
   return 0;
@@ -892,15 +914,15 @@ FDM_API int fdm_softmax(const void* x, void* y, int64_t rows, int64_t inner, int
     const RegPlan rp = vec ? reg_plan(rows, d / V) : RegPlan{};
     if (rp.k) {
       with_k(rp.k, [&](auto kc) {
-        softmax_regs_kernel<T, V, decltype(kc)::value><<<rp.blocks, rp.threads, 0, stream>>>(
+        launch_dependent(softmax_regs_kernel<T, V, decltype(kc)::value>, rp.blocks, rp.threads, 0, stream,
             static_cast<const T*>(x), static_cast<T*>(y), L, static_cast<int>(d / V), rp.width);
       });
     } else if (vec)
-      softmax_kernel<T, V><<<l.blocks, l.threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), L, d,
-                                                               l.width);
+      launch_dependent(softmax_kernel<T, V>, l.blocks, l.threads, 0, stream,
+          static_cast<const T*>(x), static_cast<T*>(y), L, d, l.width);
     else
-      softmax_kernel<T, 1><<<l.blocks, l.threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), L, d,
-                                                               l.width);
+      launch_dependent(softmax_kernel<T, 1>, l.blocks, l.threads, 0, stream,
+          static_cast<const T*>(x), static_cast<T*>(y), L, d, l.width);
     return launch_status();
   });
   return 0;

@@ -6,6 +6,7 @@
 // fdm_qk_norm_rope fuses the attention preamble of FLUX-style blocks on the fused QKV projection output
 // [B, S, 3, H, D]: RMSNorm over D of the q and k heads (each with its weight), then RoPE, v copied through, all in
 // one pass (one read and one write of every element).
+#include "pdl.cuh"
 #include "vec.cuh"
 
 namespace fdm {
@@ -19,6 +20,8 @@ struct Strides3 {
 template <typename T, int P, bool kInter>
 __global__ void rope_kernel(const T* x, T* y, const float* __restrict__ cos, const float* __restrict__ sin,
                             int64_t B, int64_t S, int H, int64_t D, Strides3 xs, Strides3 ys) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int64_t half = D / 2;
   const int per_head = static_cast<int>(half / P);
   const int items = H * per_head;
@@ -79,7 +82,7 @@ template <typename T, int P, bool kInter>
 int launch_rope(const void* x, void* y, const float* cos, const float* sin, int64_t B, int64_t S, int H, int64_t D,
                 Strides3 xs, Strides3 ys, cudaStream_t st) {
   const int64_t items = H * (D / 2 / P);
-  rope_kernel<T, P, kInter><<<grid_blocks(B * S, 1), row_block_threads(items), 0, st>>>(
+  launch_dependent(rope_kernel<T, P, kInter>, grid_blocks(B * S, 1), row_block_threads(items), 0, st,
       static_cast<const T*>(x), static_cast<T*>(y), cos, sin, B, S, H, D, xs, ys);
   return launch_status();
 }
@@ -147,6 +150,8 @@ __global__ void __launch_bounds__(256)
 qk_norm_rope_kernel(const T* x, const T* __restrict__ qw, const T* __restrict__ kw, const float* __restrict__ cos,
                     const float* __restrict__ sin, T* y, QkvRows R, Strides4 xs, Strides4 ys, int nh, int width,
                     float eps) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int half = nh * V;  // D / 2
   const float inv_d = 1.f / static_cast<float>(2 * half);
   const int sub = threadIdx.x / width, lane = threadIdx.x - sub * width;
@@ -228,6 +233,8 @@ __global__ void __launch_bounds__(256)
 qk_norm_rope_scalar_kernel(const T* x, const T* __restrict__ qw, const T* __restrict__ kw,
                            const float* __restrict__ cos, const float* __restrict__ sin, T* y, QkvRows R,
                            Strides4 xs, Strides4 ys, int64_t D, float eps) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const int64_t half = D / 2;
   const int lane = threadIdx.x & 31;
   const int64_t rpb = blockDim.x >> 5;
@@ -285,17 +292,19 @@ int launch_qk_norm_rope(const void* x, const void* qw, const void* kw, const flo
     while (width < nh) width <<= 1;
     const unsigned blocks = grid_blocks(R.rows, threads / width);
     if (inter)
-      qk_norm_rope_kernel<T, V, true><<<blocks, threads, 0, st>>>(xt, qt, kt, cos, sin, yt, R, xs, ys, nh, width,
-                                                                  eps);
+      launch_dependent(qk_norm_rope_kernel<T, V, true>, blocks, threads, 0, st,
+          xt, qt, kt, cos, sin, yt, R, xs, ys, nh, width, eps);
     else
-      qk_norm_rope_kernel<T, V, false><<<blocks, threads, 0, st>>>(xt, qt, kt, cos, sin, yt, R, xs, ys, nh, width,
-                                                                   eps);
+      launch_dependent(qk_norm_rope_kernel<T, V, false>, blocks, threads, 0, st,
+          xt, qt, kt, cos, sin, yt, R, xs, ys, nh, width, eps);
   } else {
     const unsigned blocks = grid_blocks(R.rows, threads / 32);
     if (inter)
-      qk_norm_rope_scalar_kernel<T, true><<<blocks, threads, 0, st>>>(xt, qt, kt, cos, sin, yt, R, xs, ys, D, eps);
+      launch_dependent(qk_norm_rope_scalar_kernel<T, true>, blocks, threads, 0, st,
+          xt, qt, kt, cos, sin, yt, R, xs, ys, D, eps);
     else
-      qk_norm_rope_scalar_kernel<T, false><<<blocks, threads, 0, st>>>(xt, qt, kt, cos, sin, yt, R, xs, ys, D, eps);
+      launch_dependent(qk_norm_rope_scalar_kernel<T, false>, blocks, threads, 0, st,
+          xt, qt, kt, cos, sin, yt, R, xs, ys, D, eps);
   }
   return launch_status();
 }

@@ -1,7 +1,10 @@
 // Error reporting shared by all entry points (see common.cuh).
 #include "common.cuh"
+#include "pdl.cuh"
 
+#include <atomic>
 #include <cstdarg>
+#include <cstdlib>
 
 static thread_local char g_message[512] = "";
 
@@ -30,4 +33,41 @@ FDM_API int fdm_has_sm90() {
 #else
   return 0;
 #endif
+}
+
+// Programmatic dependent launch (pdl.cuh): on where the device has compute capability 9.0+, unless FASTDM_PDL=0.
+static std::atomic<int> g_pdl_switch{-1};  // -1: not read yet, 0: off, 1: on
+static std::atomic<int> g_pdl_capable[64];  // per device ordinal: 0 unknown, 1 no, 2 yes
+
+static int pdl_switch() {
+  int on = g_pdl_switch.load(std::memory_order_relaxed);
+  if (on < 0) {
+    const char* env = getenv("FASTDM_PDL");
+    on = (env && env[0] == '0' && env[1] == '\0') ? 0 : 1;
+    g_pdl_switch.store(on, std::memory_order_relaxed);
+  }
+  return on;
+}
+
+namespace fdm {
+bool pdl_enabled() {
+  if (!pdl_switch()) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  int capable = g_pdl_capable[device].load(std::memory_order_relaxed);
+  if (capable == 0) {
+    int major = 0;
+    capable = (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+               major >= 9) ? 2 : 1;
+    g_pdl_capable[device].store(capable, std::memory_order_relaxed);
+  }
+  return capable == 2;
+}
+}  // namespace fdm
+
+// Switches programmatic dependent launch on (1) or off (0) for later launches; returns the previous switch.
+FDM_API int fdm_pdl_set(int on) {
+  const int previous = pdl_switch();
+  g_pdl_switch.store(on ? 1 : 0, std::memory_order_relaxed);
+  return previous;
 }

@@ -15,13 +15,13 @@
 // Why our own epilogue: the example's writes the row log-sum-exp to a float buffer unconditionally, which
 // inference never reads; this one only stores O (TMA store through smem), so no workspace is needed.
 #include "common.cuh"
+#include "cutlass_launch.cuh"
 
 #include <climits>
 #include <cmath>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
-#include "cutlass/device_kernel.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/operations.hpp"
 
@@ -140,13 +140,8 @@ struct Sm90Attention {
     params.mainloop.scale_softmax = scale;
     params.mainloop.scale_softmax_log2 = scale * 1.4426950408889634f;
 
-    auto kernel = cutlass::device_kernel<Kernel>;
-    // Set on every call: the attribute is per device, and this is cheap next to the kernel.
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (e != cudaSuccess) return static_cast<int>(e);
-    // Cluster shape is 1x1x1, so a plain launch is enough (every CTA is its own cluster).
-    kernel<<<Kernel::get_grid_shape(params), Kernel::get_block_shape(), kSmemBytes, stream>>>(params);
-    return launch_status();
+    // Cluster shape is 1x1x1 (every CTA is its own cluster).
+    return launch_cutlass<Kernel>(params, dim3(1, 1, 1), stream);
   }
 };
 

@@ -10,6 +10,7 @@
 // Declines (returns kConvSm90NotSupported) where CUTLASS cannot take the problem, where C is not a multiple of the
 // 64-channel k-block (a k-block would straddle two filter positions), and for strides over 8 (TMA's limit).
 #include "common.cuh"
+#include "cutlass_launch.cuh"
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -74,10 +75,10 @@ struct Sm90Conv {
     args.epilogue.thread.bias_ptr = static_cast<const Element*>(bias);  // null reads as 0
     if (Conv::can_implement(args) != cutlass::Status::kSuccess) return kConvSm90NotSupported;
     if (Conv::get_workspace_size(args) != 0) return kConvSm90NotSupported;
-    Conv conv;
-    if (conv.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return kConvSm90NotSupported;
-    if (conv.run(stream) != cutlass::Status::kSuccess) return static_cast<int>(cudaErrorLaunchFailure);
-    return 0;
+    // The adapter's initialize() without its last step, which would compile the adapter's own kernel wrapper too.
+    if (Kernel::initialize_workspace(args, nullptr, stream) != cutlass::Status::kSuccess) return kConvSm90NotSupported;
+    return launch_cutlass<Kernel>(Kernel::to_underlying_arguments(args, nullptr),
+                                  dim3(size<0>(ClusterShape{}), size<1>(ClusterShape{}), 1), stream);
   }
 };
 

@@ -20,7 +20,7 @@ int run_coop128x256lean(const LinearProblem& p, const Sm90Config& c, int sm_coun
 int run_coop128x160(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);
 int run_coop192x192(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);
 int run_coop192x192lean(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);
-// Hand-written kernels (gemm_sm90_wgmma.cu): plain linears only; the grid is one cluster per SM pair.
+// Hand-written kernels (gemm_sm90_wgmma.cu): plain linears and gated residuals; the grid is one cluster per SM pair.
 int run_wgmma128x256(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);
 int run_wgmma192x192(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);
 int run_wgmma128x160(const LinearProblem& p, const Sm90Config& c, int sm_count, cudaStream_t stream);

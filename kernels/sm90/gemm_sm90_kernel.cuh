@@ -14,6 +14,7 @@
 #pragma once
 #include "epilogue_act.cuh"
 #include "gemm_sm90_dispatch.cuh"
+#include "cutlass_launch.cuh"
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -298,10 +299,11 @@ struct Sm90Linear {
 
     if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return kGemmNotSupported;
     if (!workspace && Gemm::get_workspace_size(args) != 0) return kGemmNotSupported;
-    Gemm gemm;
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return kGemmNotSupported;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return static_cast<int>(cudaErrorLaunchFailure);
-    return 0;
+    // The adapter's initialize() without its last step, which would reference (and so compile a second copy of)
+    // the adapter's own kernel wrapper; launch_cutlass launches ours.
+    if (Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess) return kGemmNotSupported;
+    return launch_cutlass<Kernel>(Kernel::to_underlying_arguments(args, workspace),
+                                  dim3(size<0>(ClusterShape{}), size<1>(ClusterShape{}), 1), stream);
   }
 };
 

@@ -27,6 +27,7 @@
 #include "cluster_occupancy.cuh"
 #include "epilogue_act.cuh"
 #include "gemm_sm90_dispatch.cuh"
+#include "pdl.cuh"
 
 #include <cuda.h>
 
@@ -100,6 +101,11 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank
       "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}" ::"r"(smem_addr(bar)),
       "r"(rank)
       : "memory");
+}
+// Brings a tensor map (a kernel parameter, so not memory another grid writes) into the descriptor cache ahead of
+// its first use; legal before wait_for_prior_grids().
+__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(map) : "memory");
 }
 __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
   asm volatile(
@@ -282,6 +288,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp_group = threadIdx.x / 128;
   const uint32_t rank = cluster_rank();
   if (threadIdx.x == 0) {
+    prefetch_tensormap(&map_x);
+    prefetch_tensormap(&map_w);
+    prefetch_tensormap(&map_out);
+    if constexpr (kGated) prefetch_tensormap(&map_res);
     for (int s = 0; s < T::kStages; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], T::kEmptyArrivals);
@@ -293,6 +303,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_barrier_init();
   }
   cluster_sync();  // every CTA's barriers exist before anyone signals them
+  wait_for_prior_grids();  // launched programmatic-dependent: no global access before the previous grid completes
+  allow_dependent_grids();
 
   const int cluster = blockIdx.x / T::kClusterSize, clusters = gridDim.x / T::kClusterSize;
   // This CTA's place in the cluster's tiles, and the cluster CTAs it shares its x tile (same row) and w tile (same
@@ -524,16 +536,16 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   args.walk.group = c.swizzle > 0 ? c.swizzle : 8;
   args.blocks = args.walk.block_rows * args.walk.block_cols;
 
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = T::kClusterSize;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
+  cudaLaunchAttribute attrs[2];
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = T::kClusterSize;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = T::kSmemBytes;
   cfg.stream = stream;
-  cfg.attrs = &attr;
+  cfg.attrs = attrs;
   cfg.numAttrs = 1;
   cfg.gridDim = dim3(T::kClusterSize);  // one cluster for the occupancy query; the grid is sized by its answer
   constexpr auto kKernel = wgmma_linear_kernel<T, E, Act, kGated>;
@@ -543,6 +555,7 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
     return kGemmNotSupported;
   }
   cfg.gridDim = dim3(T::kClusterSize * (args.blocks < resident ? args.blocks : resident));
+  cfg.numAttrs += pdl_attribute(&attrs[1]);
   if (cudaLaunchKernelEx(&cfg, kKernel, map_x, map_w, map_out, map_res, args) != cudaSuccess) return launch_status();
   return 0;
 }

@@ -20,6 +20,7 @@
 #include "bulk_copy.cuh"
 #include "common.cuh"
 #include "group_norm.cuh"
+#include "pdl.cuh"
 #include "vec.cuh"
 
 namespace cg = cooperative_groups;
@@ -128,6 +129,8 @@ group_norm_resident_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w
                                 int G, uint32_t rows, uint32_t held_rows, int active, float eps) {
   constexpr int V = vec16<T>();
   extern __shared__ __align__(128) unsigned char smem[];
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   const uint32_t cols = C / V, n = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
   const uint32_t r0 = blk * rows, nrows = S - r0 < rows ? S - r0 : rows, hr = nrows < held_rows ? nrows : held_rows;
   const uint32_t stage_bytes = static_cast<uint32_t>(active) * kResStagePacks * 16;
@@ -324,11 +327,13 @@ int launch_resident(const void* x, const void* w, const void* b, void* y, float*
   cfg.blockDim = dim3(p.threads);
   cfg.dynamicSmemBytes = p.smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  // Programmatic-dependent too: the CTAs take their SMs as the previous grid's blocks leave, and all are resident
+  // once it completes, which is all the grid barrier needs (the previous grid never waits for this one).
+  cfg.numAttrs = 1 + pdl_attribute(&attr[1]);
   return static_cast<int>(cudaLaunchKernelEx(
       &cfg, kKernel, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), static_cast<T*>(y),
       reinterpret_cast<float2*>(ws), static_cast<uint32_t>(S), static_cast<uint32_t>(C), static_cast<int>(C / G), G,

@@ -25,6 +25,7 @@
 #include "cluster_occupancy.cuh"
 #include "common.cuh"
 #include "group_norm.cuh"
+#include "pdl.cuh"
 #include "vec.cuh"
 
 namespace cg = cooperative_groups;
@@ -119,6 +120,8 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
                           float eps) {
   constexpr int V = vec16<T>();
   extern __shared__ __align__(128) unsigned char smem[];
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   cg::cluster_group cluster = cg::this_cluster();
   const int64_t ng = blockIdx.y;
   const uint32_t p0 = cluster.block_rank() * piece, n = L - p0 < piece ? L - p0 : piece;
@@ -225,6 +228,8 @@ template <typename T, bool kSilu, int U>
 __global__ void __launch_bounds__(kGnoThreads, 3)
 group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                T* __restrict__ y, uint32_t S, uint32_t C, int Cg, int G, uint32_t rows, float eps) {
+  wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
+  allow_dependent_grids();
   using Unit = std::conditional_t<U == 16, uint4, std::conditional_t<U == 8, uint2, uint32_t>>;
   constexpr int V = vec16<T>();
   constexpr int kUnitsPerThread = kStageBytes / U / kGnoThreads;  // a stage's units, per thread
@@ -320,7 +325,7 @@ int launch_clusters(int64_t ranks, int64_t groups, uint32_t smem, bool one_wave,
   cfg.blockDim = dim3(kGnoThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(ranks);
   attr[0].val.clusterDim.y = 1;
@@ -332,6 +337,7 @@ int launch_clusters(int64_t ranks, int64_t groups, uint32_t smem, bool one_wave,
     cudaGetLastError();  // a query's failure is not the caller's error
     return kGroupNormSm90Declined;
   }
+  cfg.numAttrs += pdl_attribute(&attr[1]);
   return static_cast<int>(cudaLaunchKernelEx(&cfg, kKernel, args...));
 }
 

@@ -150,7 +150,7 @@ def bench_transformer(folder: Path, iters: int) -> None:
     from fastdm.models.denoisers.flux import FluxTransformer
     from fastdm.runtime import memory, ops
     from fastdm.runtime.tensor import Tensor
-    from timing import time_fastdm
+    from timing import time_fastdm, without_pdl
 
     inp = transformer_inputs()
     ref, ms_torch, t_load_torch = _torch_forward(folder, inp, iters)
@@ -166,6 +166,7 @@ def bench_transformer(folder: Path, iters: int) -> None:
         dev_inp[k] = ops.cast(Tensor.from_numpy(inp[k], device="cuda"), "bfloat16")
     out = model(**dev_inp).numpy().astype(np.float32)
     ms_ours = time_fastdm(lambda: model(**dev_inp), warmup=2, iters=iters)
+    ms_no_pdl = without_pdl(lambda: time_fastdm(lambda: model(**dev_inp), warmup=2, iters=iters))
     def rel(a, b):
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -175,6 +176,8 @@ def bench_transformer(folder: Path, iters: int) -> None:
     print("| what | diffusers eager | fastdm | ratio |")
     print("|---|---|---|---|")
     print(f"| forward ms (median of {iters}) | {ms_torch:.1f} | {ms_ours:.1f} | {ms_torch / ms_ours:.2f}x |")
+    print(f"| forward ms, programmatic dependent launch off (FASTDM_PDL=0) | {ms_torch:.1f} | {ms_no_pdl:.1f} | "
+          f"{ms_torch / ms_no_pdl:.2f}x |")
     print(f"| load s (warm page cache) | {t_load_torch:.1f} | {t_load_ours:.1f} | {t_load_torch / t_load_ours:.2f}x |")
     print(f"| output rel L2 vs diffusers bf16 | - | {err:.2e} | |")
     print(f"| output rel L2 vs diffusers fp32 | {floor:.2e} (diffusers bf16) | {err32:.2e} | |")

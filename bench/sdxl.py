@@ -105,7 +105,7 @@ def bench_unet(folder: Path, iters: int) -> None:
     from fastdm.models.denoisers.unet2d import UNet2DCondition
     from fastdm.runtime import memory, ops
     from fastdm.runtime.tensor import Tensor
-    from timing import time_fastdm
+    from timing import time_fastdm, without_pdl
 
     inp = unet_inputs()
     ref, ms_torch = _torch_unet(folder, inp, iters, torch.bfloat16)
@@ -118,7 +118,11 @@ def bench_unet(folder: Path, iters: int) -> None:
     out = model(**dev).numpy().astype(np.float32)  # first call: eager
     ms = time_fastdm(lambda: model(**dev), warmup=2, iters=iters)  # the second call captures, the rest replay
     out_graph = model(**dev).numpy().astype(np.float32)
-    graphed, model._body = model._body, model._denoise
+    graphed = model._body
+    graphed.clear()  # recaptured with programmatic dependent launch off
+    ms_no_pdl = without_pdl(lambda: time_fastdm(lambda: model(**dev), warmup=2, iters=iters))
+    graphed.clear()
+    model._body = model._denoise
     ms_eager = time_fastdm(lambda: model(**dev), warmup=1, iters=iters)
     model._body = graphed
 
@@ -129,6 +133,8 @@ def bench_unet(folder: Path, iters: int) -> None:
     print("| what | diffusers eager | fastdm | ratio |")
     print("|---|---|---|---|")
     print(f"| forward ms (median of {iters}), fastdm CUDA graph | {ms_torch:.1f} | {ms:.1f} | {ms_torch / ms:.2f}x |")
+    print(f"| forward ms, fastdm CUDA graph, programmatic dependent launch off (FASTDM_PDL=0) | {ms_torch:.1f} | "
+          f"{ms_no_pdl:.1f} | {ms_torch / ms_no_pdl:.2f}x |")
     print(f"| forward ms (median of {iters}), fastdm eager | {ms_torch:.1f} | {ms_eager:.1f} | "
           f"{ms_torch / ms_eager:.2f}x |")
     print(f"| output rel L2 vs diffusers bf16 | - | {rel(out, ref):.2e} | |")

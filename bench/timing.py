@@ -49,6 +49,19 @@ def time_torch(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> fl
     return statistics.median(times)
 
 
+def without_pdl(fn: Callable[[], object]):
+    """fn() with programmatic dependent launch (kernels/pdl.cuh) switched off, the switch restored afterwards: the
+    same process, card and clocks for an on/off comparison."""
+    from fastdm import kernels
+
+    lib = kernels.library()
+    previous = lib.fdm_pdl_set(0)
+    try:
+        return fn()
+    finally:
+        lib.fdm_pdl_set(previous)
+
+
 def device_ms(fn: Callable[[], object], reps: int = 20, batches: int = 5) -> float:
     """Median device milliseconds per call of fn(), run `reps` times back to back on torch's current stream behind a
     GPU spin long enough for the host to queue them all: the kernels' own time, as in a model forward whose host

@@ -10,6 +10,16 @@
 
 namespace fdm {
 
+// The launch attribute that groups a grid's CTAs into clusters of `dims`.
+inline cudaLaunchAttribute cluster_attribute(dim3 dims) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = dims.x;
+  attr.val.clusterDim.y = dims.y;
+  attr.val.clusterDim.z = dims.z;
+  return attr;
+}
+
 // Clusters of `cfg` (its first attribute the cluster shape, its grid a multiple of it, its shared memory size) that
 // fit at once; 0 where the device cannot run one. The first call on a device also lets the kernel take the largest
 // shared memory and clusters over 8.

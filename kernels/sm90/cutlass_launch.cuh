@@ -5,10 +5,9 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include <atomic>
-#include <cstdint>
-
+#include "cluster_occupancy.cuh"  // cluster_attribute
 #include "pdl.cuh"
+#include "vec.cuh"                // allow_smem_optin
 
 namespace fdm {
 
@@ -23,27 +22,17 @@ __global__ void __launch_bounds__(Operator::MaxThreadsPerBlock, Operator::MinBlo
   op(params, smem);
 }
 
-// Launches Operator on `params` (built by its adapter's initialize()) in clusters of `cluster` CTAs, as the adapter's
-// run() would; returns 0 or a cudaError_t.
+// Launches Operator on `params` (Operator::to_underlying_arguments of its arguments) in clusters of `cluster` CTAs,
+// as its device adapter's run() would; returns 0 or a cudaError_t.
 template <typename Operator>
 int launch_cutlass(const typename Operator::Params& params, dim3 cluster, cudaStream_t stream) {
   constexpr auto kKernel = cutlass_kernel<Operator>;
   constexpr int kSmem = static_cast<int>(Operator::SharedStorageSize);
-  static std::atomic<uint64_t> opted_in{0};  // devices (by ordinal < 64) where kKernel may use kSmem bytes
   int device = 0;
   if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return static_cast<int>(e);
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (!(opted_in.load(std::memory_order_relaxed) & bit)) {
-    if (const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-        e != cudaSuccess)
-      return static_cast<int>(e);
-    opted_in.fetch_or(bit, std::memory_order_relaxed);
-  }
-  cudaLaunchAttribute attrs[2];
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = cluster.x;
-  attrs[0].val.clusterDim.y = cluster.y;
-  attrs[0].val.clusterDim.z = cluster.z;
+  if (const cudaError_t e = allow_smem_optin<kKernel>(device, kSmem, false); e != cudaSuccess)
+    return static_cast<int>(e);
+  cudaLaunchAttribute attrs[2] = {cluster_attribute(cluster)};
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = Operator::get_grid_shape(params);
   cfg.blockDim = Operator::get_block_shape();

@@ -536,11 +536,7 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   args.walk.group = c.swizzle > 0 ? c.swizzle : 8;
   args.blocks = args.walk.block_rows * args.walk.block_cols;
 
-  cudaLaunchAttribute attrs[2];
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = T::kClusterSize;
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attrs[2] = {cluster_attribute(dim3(T::kClusterSize))};
   cudaLaunchConfig_t cfg = {};
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = T::kSmemBytes;

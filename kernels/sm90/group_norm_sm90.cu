@@ -325,11 +325,7 @@ int launch_clusters(int64_t ranks, int64_t groups, uint32_t smem, bool one_wave,
   cfg.blockDim = dim3(kGnoThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(ranks);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attr[2] = {cluster_attribute(dim3(static_cast<unsigned>(ranks)))};
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   const int resident = resident_clusters<kKernel>(cfg);

@@ -1,5 +1,6 @@
 // Error reporting shared by all entry points (see common.cuh).
 #include "common.cuh"
+#include "gemm.cuh"  // current_device_facts
 #include "pdl.cuh"
 
 #include <atomic>
@@ -37,7 +38,6 @@ FDM_API int fdm_has_sm90() {
 
 // Programmatic dependent launch (pdl.cuh): on where the device has compute capability 9.0+, unless FASTDM_PDL=0.
 static std::atomic<int> g_pdl_switch{-1};  // -1: not read yet, 0: off, 1: on
-static std::atomic<int> g_pdl_capable[64];  // per device ordinal: 0 unknown, 1 no, 2 yes
 
 static int pdl_switch() {
   int on = g_pdl_switch.load(std::memory_order_relaxed);
@@ -52,16 +52,8 @@ static int pdl_switch() {
 namespace fdm {
 bool pdl_enabled() {
   if (!pdl_switch()) return false;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
-  int capable = g_pdl_capable[device].load(std::memory_order_relaxed);
-  if (capable == 0) {
-    int major = 0;
-    capable = (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-               major >= 9) ? 2 : 1;
-    g_pdl_capable[device].store(capable, std::memory_order_relaxed);
-  }
-  return capable == 2;
+  DeviceFacts facts;  // cached per device
+  return current_device_facts(&facts) == 0 && facts.cc_major >= 9;
 }
 }  // namespace fdm
 

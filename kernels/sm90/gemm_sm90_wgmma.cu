@@ -15,14 +15,17 @@
 //     tile, waits for the stage, issues its wgmmas from shared memory (128B-swizzled K-major operands, 16 of K a
 //     step), keeps one k-block of wgmmas in flight and frees the previous stage in both CTAs (the peer's producer
 //     writes into it too).
-// Epilogue (consumers, per tile): acc + bias (bias fetched at the tile's start), activation, rounded to 16 bits,
-// one 64 x 32 box at a time into a ring of shared buffers that TMA stores drain while later boxes are written and
-// the next tile's mainloop runs; the producer is already loading the next tile's stages. The gated form reads the
-// residual through the same ring: a loader thread (warp 1 of warp group 0) TMA-loads each residual box into the slot
-// its output box will be written to, as soon as that slot's previous store has left it (so the first boxes of a
-// tile arrive during its mainloop), and each thread reads its residual pairs from the positions it then overwrites.
-// Edges cost nothing: TMA
-// zero-fills out-of-range loads and clips stores, so any M, any K % 8 == 0 and N % 8 == 0 work.
+// Epilogue (consumers, per tile): acc + bias, activation, rounded to 16 bits, one 64 x 32 box at a time into a ring
+// of shared buffers that TMA stores drain while later boxes are written and the next tile's mainloop runs. A box's
+// bias (and gate) pairs are loaded while the box before it is stored (the first box's at the tile's start), so the
+// consumers hold 4-8 of them beside the accumulators, not a whole tile's: the 192x192 tiling's 144 accumulators
+// leave no room for more under the 168 registers a 384-thread CTA compiles to (holding a tile's pairs spilled 8-190
+// bytes). The producer is already loading the next tile's stages. The gated form reads the residual through the
+// same ring: a loader thread (warp 1 of warp group 0) TMA-loads each residual box into the slot its output box will
+// be written to, as soon as that slot's previous store has left it (so the first boxes of a tile arrive during its
+// mainloop), and each thread reads its residual pairs from the positions it then overwrites.
+// Edges cost nothing: TMA zero-fills out-of-range loads and clips stores, so any M, any K % 8 == 0 and N % 8 == 0
+// work.
 #include "bulk_copy.cuh"
 #include "cluster_occupancy.cuh"
 #include "epilogue_act.cuh"
@@ -260,6 +263,14 @@ struct TileWalk {
   }
 };
 
+// The bias pairs (and the gated form's gate pairs) a consumer thread applies to one store box: one pair for each
+// of the box's four 8-column groups.
+template <bool kGated>
+struct BoxParams {
+  uint32_t bias[4];
+  uint32_t gate[kGated ? 4 : 1];
+};
+
 struct KernelArgs {
   const void* bias;  // [N] or null
   const void* gate;  // [N] (the gated form only)
@@ -348,14 +359,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     } else if (kGated && threadIdx.x == 32) {
-      // The residual loader: every epilogue box of every tile, in the order the consumers write them (box by box,
-      // the two consumers in turn), each into its consumer's ring slot once the slot's previous store has left.
+      // The residual loader: every epilogue box of every tile, in the order the consumers write them (column box by
+      // column box, its atoms in turn, the two consumers in turn), each into its consumer's ring slot once the
+      // slot's previous store has left.
       uint32_t issued = 0;  // boxes issued to each consumer
       for (int block = cluster; block < args.blocks; block += clusters) {
         int m0, n0;
         tile_origin(block, &m0, &n0);
-        for (int a = 0; a < T::kAtoms; ++a) {
-          for (int box = 0; box < T::kCols / 32; ++box, ++issued) {
+        for (int box = 0; box < T::kCols / 32; ++box) {
+          for (int a = 0; a < T::kAtoms; ++a, ++issued) {
             const int slot = int(issued % kRing);
             const uint32_t parity = ((issued / kRing) & 1) ^ 1;
 #pragma unroll
@@ -384,6 +396,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int row0 = T::consumer_row0(consumer), col0 = T::consumer_col0(consumer);
     const E* bias = static_cast<const E*>(args.bias);
     const E* gate = static_cast<const E*>(args.gate);
+    // The bias (and gate) pairs of the store box whose first column is n: for its 8-column group g, columns
+    // n + 8 g + 2 (lane % 4) + {0, 1}.
+    const auto box_params = [&](int n) {
+      BoxParams<kGated> p;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        const int col = n + 8 * g + 2 * (lane % 4);
+        p.bias[g] = bias && col < args.N ? __ldg(reinterpret_cast<const unsigned int*>(bias + col)) : 0u;
+        if constexpr (kGated) p.gate[g] = col < args.N ? __ldg(reinterpret_cast<const unsigned int*>(gate + col)) : 0u;
+      }
+      return p;
+    };
     float acc[T::kAtoms][T::kAccPerAtom];
     int s = 0;
     uint32_t phase = 0;
@@ -391,16 +415,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int block = cluster; block < args.blocks; block += clusters) {
       int m0, n0;
       tile_origin(block, &m0, &n0);
-      // This tile's bias pairs, fetched now so the loads land during the mainloop: the pair for 8-column group i is
-      // columns 8 i + 2 (lane % 4) + {0, 1} of this consumer's columns.
-      // The gated form's gate pairs likewise.
-      uint32_t bias2[T::kCols / 8], gate2[kGated ? T::kCols / 8 : 1];
-#pragma unroll
-      for (int i = 0; i < T::kCols / 8; ++i) {
-        const int col = n0 + col0 + 8 * i + 2 * (lane % 4);
-        bias2[i] = bias && col < args.N ? __ldg(reinterpret_cast<const unsigned int*>(bias + col)) : 0u;
-        if constexpr (kGated) gate2[i] = col < args.N ? __ldg(reinterpret_cast<const unsigned int*>(gate + col)) : 0u;
-      }
+      // The first store box's bias (and gate) pairs, fetched now so the loads land during the mainloop.
+      BoxParams<kGated> params = box_params(n0 + col0);
 
       int prev = -1;
       for (int kb = 0; kb < args.k_blocks; ++kb) {
@@ -427,31 +443,31 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (prev >= 0 && lane == 0) release_stage(&empty[prev]);
 
       // Epilogue, one store box (64 rows x 32 columns) at a time through a ring of kRing shared buffers, so
-      // boxes are written while earlier ones drain to global memory. In atom a, thread (warp, lane) holds rows
-      // warp*16 + lane/4 (+8) and, for 8-column group i, acc[a][4 i + {0, 1}] on the first row and
-      // acc[a][4 i + {2, 3}] on the second. One barrier a box: when every thread has passed box j's barrier,
-      // thread 0 has seen the stores of boxes up to j + 2 - kRing leave their buffers (it waits right after
-      // issuing each store), so the slots of boxes j + 1 and j + 2 are free.
+      // boxes are written while earlier ones drain to global memory; column box by column box, so that one box's
+      // bias and gate pairs serve every atom. In atom a, thread (warp, lane) holds rows warp*16 + lane/4 (+8) and,
+      // for 8-column group i, acc[a][4 i + {0, 1}] on the first row and acc[a][4 i + {2, 3}] on the second. One
+      // barrier a box: when every thread has passed box j's barrier, thread 0 has seen the stores of boxes up to
+      // j + 2 - kRing leave their buffers (it waits right after issuing each store), so the slots of boxes j + 1
+      // and j + 2 are free.
       const int row = warp * 16 + lane / 4;
 #pragma unroll
-      for (int a = 0; a < T::kAtoms; ++a) {
+      for (int box = 0; box < T::kCols / 32; ++box) {
 #pragma unroll
-        for (int box = 0; box < T::kCols / 32; ++box) {
+        for (int a = 0; a < T::kAtoms; ++a) {
           const int slot = int(boxes % kRing);
           uint8_t* buf = ring_slot(consumer, slot);
           if constexpr (kGated) mbar_wait(&res_full[consumer * kRing + slot], (boxes / kRing) & 1);
 #pragma unroll
           for (int g = 0; g < 4; ++g) {
-            const int i = 4 * box + g;
-            const float2 b = unpack2<E>(bias2[i]);
-            const float* v = &acc[a][4 * i];
+            const float2 b = unpack2<E>(params.bias[g]);
+            const float* v = &acc[a][4 * (4 * box + g)];
             // 16-byte chunk g of the row's 64 bytes, swizzled (64B) by bits 1-2 of the row; rows r and r + 8 share
             // the pattern.
             const int chunk = ((g ^ ((row / 2) % 4)) * 16) + 4 * (lane % 4);
             uint32_t* lo_at = reinterpret_cast<uint32_t*>(buf + row * 64 + chunk);
             uint32_t* hi_at = reinterpret_cast<uint32_t*>(buf + (row + 8) * 64 + chunk);
             if constexpr (kGated) {
-              const float2 gt = unpack2<E>(gate2[i]), r_lo = unpack2<E>(*lo_at), r_hi = unpack2<E>(*hi_at);
+              const float2 gt = unpack2<E>(params.gate[g]), r_lo = unpack2<E>(*lo_at), r_hi = unpack2<E>(*hi_at);
               *lo_at = pack2<E>(r_lo.x + gt.x * (v[0] + b.x), r_lo.y + gt.y * (v[1] + b.y));
               *hi_at = pack2<E>(r_hi.x + gt.x * (v[2] + b.x), r_hi.y + gt.y * (v[3] + b.y));
             } else {
@@ -459,6 +475,8 @@ __global__ void __launch_bounds__(kThreads, 1)
               *hi_at = pack2<E>(epilogue_act<Act>(v[2] + b.x), epilogue_act<Act>(v[3] + b.y));
             }
           }
+          // The next box's pairs, loaded under this box's barrier and store.
+          if (a + 1 == T::kAtoms && box + 1 < T::kCols / 32) params = box_params(n0 + col0 + 32 * (box + 1));
           fence_proxy_async();
           named_barrier(1 + consumer, 128);
           if (t == 0) {

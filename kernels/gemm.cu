@@ -122,11 +122,19 @@ constexpr Sm90Winner kSm90Winners[] = {
     // H100 80GB HBM3 (50 MiB L2), session 13, where the H100's winner differs from the row above: the mean
     // torch/fastdm ratio over two or three H100 sweeps (single sweeps move +-5%; docs/benchmarks.md "session 13").
     {4608, 12288, 3072, 27, -1, 50},   // FLUX mlp up: 0.97 / 0.95 / 0.89x; gelu_tanh 1.00 / 1.07 / 1.00x
-    {4608, 3072, 3072, 26, 21, 50},    // FLUX attention out: 0.97 / 0.97x; gated 1.40x (CUTLASS 22: 0.96 / 0.96x)
+    {4608, 3072, 3072, 26, 26, 50},    // FLUX attention out: 0.97 / 0.97x (CUTLASS 22: 0.96 / 0.96x); gated s16
     {4096, 12288, 3072, 24, -1, 50},   // FLUX double img mlp up: 0.96 / 0.97x; gelu_tanh 1.14 / 1.03x
+    // Session 16, gated forms after the hand-written 192x192 kernels stopped spilling: medians of 12 interleaved
+    // rounds (every candidate in turn, so clock and power drift hit all alike), ms, vs the previous choice.
+    {4608, 3072, 12288, 26, 26, 50},   // FLUX mlp down gated: 0.470 (CUTLASS 5: 0.488, 21: 0.485)
+    {4608, 3072, 15360, 26, 26, 50},   // FLUX single out gated: 0.594 (CUTLASS 5: 0.615, 21: 0.601)
+    {4096, 3072, 12288, 24, -1, 50},   // FLUX double img mlp down gated: 0.416 (CUTLASS 5: 0.426)
+    {4096, 3072, 3072, 24, -1, 50},    // FLUX double img attention out gated: 0.115 (CUTLASS 12: 0.131)
+    // (8192 x 640 -> 640 above: gated 0.0193, CUTLASS 17: 0.0215, 12: 0.0211)
+    {2048, 1280, 1280, 28, -1, 50},    // SDXL 32x32 attention projections gated: 0.0152 (CUTLASS 17: 0.0161)
     {8192, 5120, 640, 25, -1, 50},     // SDXL 64x64 ff up: 1.01 / 0.99 / 0.93x (CUTLASS 12: 1.00 / 0.98 / 0.93x)
     {2048, 10240, 1280, 25, -1, 50},   // SDXL 32x32 ff up: 0.94 / 0.96x (CUTLASS 16: 0.90x)
-    {8192, 640, 640, 28, 17, 50},      // SDXL 64x64 attention projections: 1.00x (CUTLASS 12: 0.70 / 0.82x)
+    {8192, 640, 640, 28, -1, 50},      // SDXL 64x64 attention projections: 1.00x (CUTLASS 12: 0.70 / 0.82x); gated s16
     {2048, 3840, 1280, 28, -1, 50},    // SDXL 32x32 qkv: 0.94x (wgmma 128x256: 0.90 / 0.93x; CUTLASS 16: 0.88x)
     {8192, 1920, 640, 24, -1, 50},     // SDXL 64x64 qkv: 1.01 / 1.00x (CUTLASS 14: 0.96x)
     {8192, 640, 2560, 28, 17, 50},     // SDXL 64x64 ff down: 0.90x (CUTLASS 17: 0.88 / 0.89x)

@@ -41,6 +41,11 @@ def test_card_rows(choice):
     """A row tagged with the H100's L2 size wins there; the untagged row serves the H200."""
     assert choice(4608, 12288, 3072, l2=H100_L2).startswith("wgmma 192x192")
     assert choice(4608, 12288, 3072, l2=H200_L2).startswith("pingpong 128x128")
+    # FLUX's gated output projections and SDXL's gated attention projections on the H100 (session 16): the
+    # hand-written gated epilogue, not CUTLASS
+    for m, n, k in [(4608, 3072, 12288), (4608, 3072, 15360), (4608, 3072, 3072), (4096, 3072, 12288),
+                    (4096, 3072, 3072), (8192, 640, 640), (2048, 1280, 1280)]:
+        assert choice(m, n, k, gated=True, l2=H100_L2).startswith("wgmma"), (m, n, k)
 
 
 def last_wave_fill(tiles):

@@ -16,11 +16,11 @@
 //     step), keeps one k-block of wgmmas in flight and frees the previous stage in both CTAs (the peer's producer
 //     writes into it too).
 // Epilogue (consumers, per tile): acc + bias, activation, rounded to 16 bits, one 64 x 32 box at a time into a ring
-// of shared buffers that TMA stores drain while later boxes are written and the next tile's mainloop runs. A box's
-// bias (and gate) pairs are loaded while the box before it is stored (the first box's at the tile's start), so the
-// consumers hold 4-8 of them beside the accumulators, not a whole tile's: the 192x192 tiling's 144 accumulators
-// leave no room for more under the 168 registers a 384-thread CTA compiles to (holding a tile's pairs spilled 8-190
-// bytes). The producer is already loading the next tile's stages. The gated form reads the residual through the
+// of shared buffers that TMA stores drain while later boxes are written and the next tile's mainloop runs. The bias
+// (and gate) pairs are loaded at the tile's start, so they land during the mainloop; the 192x192 tiling holds only
+// one box column's (its 144 accumulators leave no room for a tile's under the 168 registers a 384-thread CTA
+// compiles to: that spilled 8-190 bytes) and loads the next column's while storing the current one's three boxes.
+// The producer is already loading the next tile's stages. The gated form reads the residual through the
 // same ring: a loader thread (warp 1 of warp group 0) TMA-loads each residual box into the slot its output box will
 // be written to, as soon as that slot's previous store has left it (so the first boxes of a tile arrive during its
 // mainloop), and each thread reads its residual pairs from the positions it then overwrites.
@@ -65,6 +65,10 @@ struct Tiling {
   static __device__ __forceinline__ int consumer_col0(int c) { return kSplitN ? kCols * c : 0; }
   static constexpr int kAtoms = kRows / 64;            // wgmmas a k-step
   static constexpr int kAccPerAtom = kCols / 2;        // fp32 accumulators a thread holds per atom
+  // Store-box columns (32 wide) whose bias / gate pairs a consumer thread holds at once: all of the tile's where one
+  // atom leaves the registers (their loads land during the mainloop); one where three atoms' 144 accumulators do
+  // not, refilled a box column ahead, under that column's kAtoms store boxes.
+  static constexpr int kParamBoxes = kAtoms == 1 ? kCols / 32 : 1;
   static constexpr int kStageBytesA = kM * kTileK * 2;
   static constexpr int kStageBytesB = kN * kTileK * 2;
   static constexpr int kShareBytesA = kStageBytesA / kClusterN;  // one CTA's multicast share of the x tile
@@ -415,8 +419,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int block = cluster; block < args.blocks; block += clusters) {
       int m0, n0;
       tile_origin(block, &m0, &n0);
-      // The first store box's bias (and gate) pairs, fetched now so the loads land during the mainloop.
-      BoxParams<kGated> params = box_params(n0 + col0);
+      // The first kParamBoxes box columns' bias (and gate) pairs, fetched now so the loads land during the mainloop.
+      BoxParams<kGated> params[T::kParamBoxes];
+#pragma unroll
+      for (int i = 0; i < T::kParamBoxes; ++i) params[i] = box_params(n0 + col0 + 32 * i);
 
       int prev = -1;
       for (int kb = 0; kb < args.k_blocks; ++kb) {
@@ -459,7 +465,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (kGated) mbar_wait(&res_full[consumer * kRing + slot], (boxes / kRing) & 1);
 #pragma unroll
           for (int g = 0; g < 4; ++g) {
-            const float2 b = unpack2<E>(params.bias[g]);
+            const BoxParams<kGated>& p = params[box % T::kParamBoxes];
+            const float2 b = unpack2<E>(p.bias[g]);
             const float* v = &acc[a][4 * (4 * box + g)];
             // 16-byte chunk g of the row's 64 bytes, swizzled (64B) by bits 1-2 of the row; rows r and r + 8 share
             // the pattern.
@@ -467,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             uint32_t* lo_at = reinterpret_cast<uint32_t*>(buf + row * 64 + chunk);
             uint32_t* hi_at = reinterpret_cast<uint32_t*>(buf + (row + 8) * 64 + chunk);
             if constexpr (kGated) {
-              const float2 gt = unpack2<E>(params.gate[g]), r_lo = unpack2<E>(*lo_at), r_hi = unpack2<E>(*hi_at);
+              const float2 gt = unpack2<E>(p.gate[g]), r_lo = unpack2<E>(*lo_at), r_hi = unpack2<E>(*hi_at);
               *lo_at = pack2<E>(r_lo.x + gt.x * (v[0] + b.x), r_lo.y + gt.y * (v[1] + b.y));
               *hi_at = pack2<E>(r_hi.x + gt.x * (v[2] + b.x), r_hi.y + gt.y * (v[3] + b.y));
             } else {
@@ -475,8 +482,9 @@ __global__ void __launch_bounds__(kThreads, 1)
               *hi_at = pack2<E>(epilogue_act<Act>(v[2] + b.x), epilogue_act<Act>(v[3] + b.y));
             }
           }
-          // The next box's pairs, loaded under this box's barrier and store.
-          if (a + 1 == T::kAtoms && box + 1 < T::kCols / 32) params = box_params(n0 + col0 + 32 * (box + 1));
+          // A box column kParamBoxes ahead takes this one's registers, loaded under this box's barrier and store.
+          if (a + 1 == T::kAtoms && box + T::kParamBoxes < T::kCols / 32)
+            params[box % T::kParamBoxes] = box_params(n0 + col0 + 32 * (box + T::kParamBoxes));
           fence_proxy_async();
           named_barrier(1 + consumer, 128);
           if (t == 0) {

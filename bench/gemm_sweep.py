@@ -12,12 +12,18 @@ of --reps back-to-back calls divided by reps, queued behind a GPU spin so the ho
 GPU starts. That is device time per GEMM: Python/ctypes overhead (tens of microseconds, more than a small SDXL
 GEMM takes) stays out, as it does in a model whose host runs ahead of the GPU. bench/kernels.py times single
 calls instead, host overhead included.
+
+--rounds R (R > 1) interleaves: each round measures torch and every configuration once, in turn, and a
+candidate's time is its median over the rounds. Long GEMMs (FLUX, Wan) drift by 5-10% over a sweep as the card
+settles at its power cap, which decides a winner when candidates are timed one after another; interleaved, the
+drift hits all of them alike. Use it (e.g. --rounds 12 --batches 1) before changing a row of the winners table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -112,10 +118,10 @@ class Case:
         return self.name if self.kind == "bias" else f"{self.name} [{self.kind}]"
 
 
-def sweep_case(case: Case, lib, names: list[str], configs: list[int], reps: int, batches: int) -> dict:
+def sweep_case(case: Case, lib, names: list[str], configs: list[int], reps: int, batches: int,
+               rounds: int = 1) -> dict:
     ref = case.torch_fn()()
     torch.cuda.synchronize()
-    t_ms = device_ms(case.torch_fn(), reps, batches)
     ours = case.ours_fn()
     results = {}
     fdm_kernels.call("fdm_gemm_set_path", SM90_PATH)  # a problem of a few rows would otherwise take the GEMV
@@ -129,8 +135,18 @@ def sweep_case(case: Case, lib, names: list[str], configs: list[int], reps: int,
         if not ran:
             results[idx] = {"ms": None, "rel_l2": None, "note": "did not run on sm90 with this configuration"}
             continue
-        err = rel_l2(out, ref)
-        results[idx] = {"ms": device_ms(ours, reps, batches), "rel_l2": err}
+        results[idx] = {"ms": None, "rel_l2": rel_l2(out, ref)}
+    # Time torch and every configuration that ran, all of them once a round (see --rounds).
+    timed = [idx for idx, r in results.items() if r["rel_l2"] is not None]
+    samples = {idx: [] for idx in ["torch", *timed]}
+    for _ in range(rounds):
+        samples["torch"].append(device_ms(case.torch_fn(), reps, batches))
+        for idx in timed:
+            fdm_kernels.call("fdm_gemm_sm90_set_config", idx)
+            samples[idx].append(device_ms(ours, reps, batches))
+    t_ms = statistics.median(samples["torch"])
+    for idx in timed:
+        results[idx]["ms"] = statistics.median(samples[idx])
     fdm_kernels.call("fdm_gemm_sm90_set_config", -1)
     fdm_kernels.call("fdm_gemm_set_path", 0)
     out = ours()
@@ -198,6 +214,8 @@ def main() -> None:
                    "(default: all a shape has)")
     p.add_argument("--reps", type=int, default=20, help="back-to-back calls per timed batch")
     p.add_argument("--batches", type=int, default=5, help="timed batches per measurement (median)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds: every candidate timed once a round, "
+                   "its median over the rounds reported (default 1: each candidate timed once, in turn)")
     args = p.parse_args()
 
     lib = fdm_kernels.library()
@@ -229,7 +247,7 @@ def main() -> None:
             for kind in kinds:
                 case = Case(name, m, k, n, kind)
                 with cuda.use_stream(fdm_stream):
-                    row = sweep_case(case, lib, names, configs, args.reps, args.batches)
+                    row = sweep_case(case, lib, names, configs, args.reps, args.batches, args.rounds)
                 del case
                 torch.cuda.empty_cache()
                 memory.allocator().empty_cache()

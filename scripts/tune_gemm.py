@@ -47,7 +47,8 @@ def run() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("problems", nargs="*", help="MxNxK or MxNxK-gated")
     p.add_argument("--reps", type=int, default=10, help="calls per timed graph (default 10)")
-    p.add_argument("--batches", type=int, default=5, help="timed graph replays, median taken (default 5)")
+    p.add_argument("--batches", type=int, default=5, help="rounds, each replaying every configuration's graph once "
+                   "(interleaved, so clock drift hits all alike); median taken (default 5)")
     p.add_argument("--margin", type=float, default=0.03,
                    help="keep a configuration only if it is this much faster than the library's choice (0.03)")
     p.add_argument("--list", action="store_true", help="print this card's cache entries and exit")

@@ -127,21 +127,22 @@ class Measured:
     best_ms: float
 
 
-def _time_graph(fn, reps: int, batches: int) -> float:
-    """Median over `batches` of the device time of one fn() call, from replays of a graph of `reps` calls (so
-    host overhead stays out, as in a model run under a graph or ahead of the GPU)."""
-    fn()  # eagerly first: lazy workspaces are made outside the capture
+def _capture(fn, reps: int) -> Graph:
+    """A graph of `reps` back-to-back fn() calls (replayed, host overhead stays out, as in a model run under a graph
+    or ahead of the GPU), replayed once to warm up."""
+    fn()  # eagerly first: lazy workspaces are made outside the capture (and stay allocated for the graph)
     graph = Graph.capture(lambda: [fn() for _ in range(reps)])
     graph.replay()
-    stream = graph.stream
-    times = []
-    for _ in range(batches):
-        start = cuda.Event().record(stream)
-        graph.replay()
-        end = cuda.Event().record(stream)
-        end.synchronize()
-        times.append(start.elapsed_ms(end) / reps)
-    return statistics.median(times)
+    return graph
+
+
+def _replay_ms(graph: Graph, reps: int) -> float:
+    """Device time of one call in one replay of a graph of `reps` calls."""
+    start = cuda.Event().record(graph.stream)
+    graph.replay()
+    end = cuda.Event().record(graph.stream)
+    end.synchronize()
+    return start.elapsed_ms(end) / reps
 
 
 def measure(problem: Problem, device: cuda.Device, reps: int = 10, batches: int = 5,
@@ -177,21 +178,31 @@ def measure(problem: Problem, device: cuda.Device, reps: int = 10, batches: int 
     kernels.call("fdm_gemm_sm90_set_tuned", m, n, k, int(problem.gated), -1)
     kernels.call("fdm_gemm_sm90_set_config", -1)
     kernels.call("fdm_gemm_set_path", 1)  # sm90 only: a configuration that cannot take the problem fails
+    # One graph per candidate (a graph keeps the configuration it was captured with), then `batches` rounds that
+    # replay every candidate once each: the card's clocks drift by several percent over a long run (it settles at
+    # its power cap), and interleaved rounds let the drift hit every candidate alike instead of deciding the winner.
     try:
-        auto_ms = _time_graph(run, reps, batches)
+        graphs = {"auto": _capture(run, reps)}
         auto_config = lib.fdm_gemm_sm90_last_config()
-        best_config, best_ms = auto_config, auto_ms
         for config in range(lib.fdm_gemm_sm90_config_count()) if configs is None else configs:
             kernels.call("fdm_gemm_sm90_set_config", config)
             try:
-                ms = _time_graph(run, reps, batches)
+                graphs[config] = _capture(run, reps)
             except Exception:  # noqa: BLE001 - a configuration that cannot take this problem is skipped
                 continue
-            if ms < best_ms:
-                best_config, best_ms = config, ms
     finally:
         kernels.call("fdm_gemm_sm90_set_config", -1)
         kernels.call("fdm_gemm_set_path", 0)
+    samples = {key: [] for key in graphs}
+    for _ in range(batches):
+        for key, graph in graphs.items():
+            samples[key].append(_replay_ms(graph, reps))
+    times = {key: statistics.median(values) for key, values in samples.items()}
+    auto_ms = times.pop("auto")
+    best_config, best_ms = auto_config, auto_ms
+    for config, ms in times.items():
+        if ms < best_ms:
+            best_config, best_ms = config, ms
     return Measured(problem, auto_config, auto_ms, best_config, best_ms)
 
 

@@ -8,7 +8,8 @@ Two timings per case, both medians of device events:
   is what bench/kernels.py reports and what a lone op costs in a host-bound loop.
 - "GPU": the stream is first held by a spin kernel (torch.cuda._sleep) long enough for the host to queue all N
   calls; the events then time N calls that run back to back. That is the kernels' own time, as in a model forward
-  where the host runs ahead of the GPU. The script checks the spin was still running when the last call was queued.
+  where the host runs ahead of the GPU (timing.device_ms, which checks the spin was still running when the last call
+  was queued).
 Inputs rotate over enough copies to exceed 3x the L2 cache, so every call reads from DRAM as it would in a model.
 Rates count the bytes each op must move (read + write once); "copy" is a device-to-device copy of the same number
 of bytes timed the same way, the ceiling a single pass of that size can reach.
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,9 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from fastdm.runtime import cuda, ops  # noqa: E402
 from fastdm.runtime.dlpack import from_dlpack  # noqa: E402
 from fastdm.runtime.errors import CudaError  # noqa: E402
-from timing import card_ceilings, time_fastdm, time_torch  # noqa: E402
-
-_SPIN_HZ = 2.0e9  # torch.cuda._sleep counts GPU cycles; a little above the H100/H200 boost clock
+from timing import card_ceilings, device_ms, time_fastdm, time_torch  # noqa: E402
 
 
 def fd(t: torch.Tensor):
@@ -51,43 +48,6 @@ def rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
         return fn()
 
     return run
-
-
-def gpu_ms(fn: Callable[[], object], stream: torch.cuda.Stream, iters: int, reps: int = 5) -> float:
-    """Median over `reps` of the device time per call of `iters` back-to-back calls of fn, queued on `stream` while a
-    spin kernel holds it (see the module docstring). A rep whose spin ended before the host finished queueing (a
-    slow or busy host) is thrown away and run again with twice the spin; raises after four such tries."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    host_s = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    spin = int(6 * host_s * _SPIN_HZ) + 1_000_000
-    out = []
-    while len(out) < reps:
-        for _ in range(4):
-            with torch.cuda.stream(stream):
-                torch.cuda._sleep(spin)
-                spun = torch.cuda.Event()
-                spun.record(stream)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-            for _ in range(iters):
-                fn()
-            held = not spun.query()
-            end.record(stream)
-            end.synchronize()
-            if held:
-                break
-            spin *= 2
-        else:
-            raise RuntimeError("the GPU ran out of queued work before the host finished queueing, four times with "
-                               "a doubling spin: the 'GPU' timing would include host time")
-        out.append(start.elapsed_time(end) / iters)
-    return statistics.median(out)
 
 
 def copies(make: Callable[[], tuple], nbytes_in: int) -> list[tuple]:
@@ -114,7 +74,7 @@ class Bench:
         srcs = copies(lambda: (torch.empty(half, dtype=torch.uint8, device="cuda"),
                                torch.empty(half, dtype=torch.uint8, device="cuda")), half)
         fn = rotating([lambda s=s, d=d: d.copy_(s) for s, d in srcs])
-        return 2 * half / gpu_ms(fn, torch.cuda.current_stream(), self.iters) / 1e6
+        return 2 * half / device_ms(fn, self.iters, stream=torch.cuda.current_stream()) / 1e6
 
     def case(self, name: str, nbytes: int, torch_fns: list, fastdm_fns: list, baseline_is_fastdm: bool = False):
         """One table row. The baseline ("torch" columns) is a torch op sequence, or fastdm calls when
@@ -123,8 +83,9 @@ class Bench:
         torch.cuda.synchronize()
         t_call = time_fastdm(t_fn) if baseline_is_fastdm else time_torch(t_fn)
         o_call = time_fastdm(o_fn)
-        t_gpu = gpu_ms(t_fn, self.fd_stream if baseline_is_fastdm else torch.cuda.current_stream(), self.iters)
-        o_gpu = gpu_ms(o_fn, self.fd_stream, self.iters)
+        t_stream = self.fd_stream if baseline_is_fastdm else torch.cuda.current_stream()
+        t_gpu = device_ms(t_fn, self.iters, stream=t_stream)
+        o_gpu = device_ms(o_fn, self.iters, stream=self.fd_stream)
         rate = nbytes / o_gpu / 1e6
         print(f"| {name} | {nbytes / 1e6:.1f} | {t_call:.3f} | {o_call:.3f} | {t_gpu:.3f} | {o_gpu:.3f} "
               f"| {t_gpu / o_gpu:.2f}x | {rate:.0f} | {rate / self.ceil['copy_GBps']:.0%} "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from fastdm.runtime.dlpack import from_dlpack
 from fastdm import kernels as fdm_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import device_ms, gemm_bench_shapes  # noqa: E402
+from timing import device_ms, gemm_bench_shapes, interleaved_ms  # noqa: E402
 
 EXTRA_SHAPES = {  # name: (M, K, N)
     "sdxl 64x64 attn proj 640->640": (8192, 640, 640),
@@ -138,15 +137,16 @@ def sweep_case(case: Case, lib, names: list[str], configs: list[int], reps: int,
         results[idx] = {"ms": None, "rel_l2": rel_l2(out, ref)}
     # Time torch and every configuration that ran, all of them once a round (see --rounds).
     timed = [idx for idx, r in results.items() if r["rel_l2"] is not None]
-    samples = {idx: [] for idx in ["torch", *timed]}
-    for _ in range(rounds):
-        samples["torch"].append(device_ms(case.torch_fn(), reps, batches))
-        for idx in timed:
+    def forced(idx):
+        def run():
             fdm_kernels.call("fdm_gemm_sm90_set_config", idx)
-            samples[idx].append(device_ms(ours, reps, batches))
-    t_ms = statistics.median(samples["torch"])
+            return ours()
+        return run
+
+    ms = interleaved_ms({"torch": case.torch_fn(), **{idx: forced(idx) for idx in timed}}, reps, rounds, batches)
+    t_ms = ms["torch"]
     for idx in timed:
-        results[idx]["ms"] = statistics.median(samples[idx])
+        results[idx]["ms"] = ms[idx]
     fdm_kernels.call("fdm_gemm_sm90_set_config", -1)
     fdm_kernels.call("fdm_gemm_set_path", 0)
     out = ours()

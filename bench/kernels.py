@@ -2,7 +2,8 @@
 
 Run on a GPU machine with torch installed:  python bench/kernels.py [--quick]
 Prints one table. "kernel ms" is device time per call with calls queued back to back behind a GPU spin on one
-stream (timing.device_ms: the kernels' own time, as in a model forward whose host runs ahead); "call ms" is one
+stream (timing.device_ms: the kernels' own time, as in a model forward whose host runs ahead), the median of
+ROUNDS rounds that time torch and fastdm in turn (timing.interleaved_ms); "call ms" is one
 call from an idle GPU (host overhead included: Python, ctypes, torch's dispatcher). The ratio torch/fastdm (> 1
 means fastdm is faster) and the fraction of the card's measured ceiling (cuBLAS bf16 TFLOP/s for matrix work,
 device copy GB/s for memory-bound work) use kernel time.
@@ -20,7 +21,7 @@ import torch  # noqa: E402  (bench/ is the baseline side: torch is allowed here)
 import torch.nn.functional as F  # noqa: E402
 from fastdm.runtime import ops  # noqa: E402
 from fastdm.runtime.dlpack import from_dlpack  # noqa: E402
-from timing import card_ceilings, device_ms, same_stream, time_fastdm, time_torch  # noqa: E402
+from timing import card_ceilings, device_ms, interleaved_ms, same_stream, time_fastdm, time_torch  # noqa: E402
 
 GEMM_SHAPES = {  # name: (M, K, N)
     "flux qkv 3072->9216": (4608, 3072, 9216),
@@ -33,6 +34,7 @@ GEMM_SHAPES = {  # name: (M, K, N)
     "wan5b ff 3072->14336": (27280, 3072, 14336),
     "wan5b ff 14336->3072": (27280, 14336, 3072),
 }
+ROUNDS = 9  # kernel time: median of this many rounds, torch and fastdm timed in turn each round (interleaved_ms)
 ATTN_SHAPES = {  # name: (B, S, H, D)
     "flux 1024^2 S=4608 D=128": (1, 4608, 24, 128),
     "flux 1024x2048 S=8704 D=128": (1, 8704, 24, 128),
@@ -51,7 +53,8 @@ def row(name, torch_fn, ours_fn, work, unit, ceiling, iters=20, copy_ms=None):
     a plain copy moving the same bytes (memory-bound rows), shown beside the fraction of the ceiling."""
     call_torch, call_ours = time_torch(torch_fn, iters=iters), time_fastdm(ours_fn, iters=iters)
     with same_stream():
-        ms_torch, ms_ours = device_ms(torch_fn, reps=iters), device_ms(ours_fn, reps=iters)
+        ms = interleaved_ms({"torch": torch_fn, "fastdm": ours_fn}, reps=iters, rounds=ROUNDS)
+    ms_torch, ms_ours = ms["torch"], ms["fastdm"]
     rate = work / ms_ours / 1e9 if unit == "TFLOP/s" else work / ms_ours / 1e6
     of = f"{rate / ceiling:.0%}" + (f" ({copy_ms / ms_ours:.0%} of same-size copy)" if copy_ms else "")
     print(f"| {name} | {ms_torch:.3f} | {ms_ours:.3f} | {ms_torch / ms_ours:.2f}x | {rate:.0f} {unit} "

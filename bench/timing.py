@@ -62,34 +62,63 @@ def without_pdl(fn: Callable[[], object]):
         lib.fdm_pdl_set(previous)
 
 
-def device_ms(fn: Callable[[], object], reps: int = 20, batches: int = 5) -> float:
-    """Median device milliseconds per call of fn(), run `reps` times back to back on torch's current stream behind a
-    GPU spin long enough for the host to queue them all: the kernels' own time, as in a model forward whose host
-    runs ahead of the GPU (Python and launch overhead stay out). fastdm work must be on the same stream
-    (`same_stream()`)."""
+_SPIN_HZ = 2.0e9  # torch.cuda._sleep counts GPU cycles; a little above the H100/H200 boost clock
+
+
+def device_ms(fn: Callable[[], object], reps: int = 20, batches: int = 5, stream=None) -> float:
+    """Median over `batches` of the device milliseconds per call of `reps` calls of fn() run back to back, queued on
+    `stream` (default: torch's current stream) behind a GPU spin long enough for the host to queue them all: the
+    kernels' own time, as in a model forward whose host runs ahead of the GPU (Python and launch overhead stay out).
+    fn's work must run on that stream (fastdm's: `same_stream()`). A batch whose spin ended before the host finished
+    queueing (a slow or busy host) is thrown away and run again with twice the spin; raises after four such tries."""
     import time
 
     import torch
 
-    fn()
+    stream = stream if stream is not None else torch.cuda.current_stream()
+    for _ in range(2):
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
     host_s = time.perf_counter() - t0
     torch.cuda.synchronize()
-    spin_cycles = int(max(2.0 * host_s, 1e-3) * 2.0e9)  # > the host's issue time at up to 2 GHz
+    spin = int(6 * host_s * _SPIN_HZ) + 1_000_000
     times = []
-    for _ in range(batches):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(spin_cycles)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
+    while len(times) < batches:
+        for _ in range(4):
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(spin)
+                spun = torch.cuda.Event()
+                spun.record(stream)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+            for _ in range(reps):
+                fn()
+            held = not spun.query()
+            end.record(stream)
+            end.synchronize()
+            if held:
+                break
+            spin *= 2
+        else:
+            raise RuntimeError("the GPU ran out of queued work before the host finished queueing, four times with a "
+                               "doubling spin: the 'device' time would include host time")
         times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
+
+
+def interleaved_ms(fns: dict, reps: int = 20, rounds: int = 9, batches: int = 1) -> dict:
+    """Median device milliseconds per call of each fn over `rounds` rounds, each round timing every fn in turn
+    (device_ms: `batches` batches of `reps` calls): clock and power drift over the run then hit every candidate
+    alike, where timing one candidate after another lets a slow stretch land on one of them (5-10% on an H100 for
+    the same GEMM within one sequential sweep, session 16)."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(device_ms(fn, reps, batches))
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def same_stream():

@@ -91,6 +91,7 @@ SIGNATURES: dict[str, list] = {
     "fdm_gemm_sm90_set_tuned": [I64, I64, I64, I, I],
     # the configuration the automatic choice picks, a query: (M, N, K, gated, sm_count, l2_mib) -> index
     "fdm_gemm_sm90_auto_config": [I64, I64, I64, I, I, I],
+    "fdm_gemm_sm90_wgmma_band_rows": [I64, I64, I64, I64, I64, I64, I],
     "fdm_gemm_sm90_clear_tuned": [],
     # im2col.cu: (x, w, bias|None, out, workspace, workspace_bytes, N, C, H, W, O, kh, kw, sh, sw, ph, pw, dtype,
     #  stream)

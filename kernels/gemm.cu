@@ -7,6 +7,9 @@
 // On sm90 one of several CUTLASS configurations runs (gemm.cuh, kSm90Configs): choose_sm90_config below picks it
 // from a table of measured winners (bench/gemm_sweep.py), else by rules.
 #include "gemm.cuh"
+#ifdef FASTDM_HAS_SM90
+#include "sm90/gemm_sm90_dispatch.cuh"  // sm90::wgmma_band_rows (a host-only query below)
+#endif
 
 #include <mutex>
 #include <vector>
@@ -53,9 +56,9 @@ constexpr int kCfgCoop128x256Dp = 0;      // coop 128x256 c2x1, data-parallel, a
 constexpr int kCfgCoop128x256Sk = 5;      // coop 128x256 c2x1, stream-K over a partial last wave
 constexpr int kCfgCoop128x128Sk = 10;     // coop 128x128 c1x1, stream-K over a partial last wave
 constexpr int kCfgPingpong128x128 = 12;   // ping-pong 128x128 c1x1, data-parallel, auto tile order
-constexpr int kCfgWgmma128x256 = 24;      // hand-written wgmma 128x256 c2x1, bands of 8 cluster rows
-constexpr int kCfgWgmma192x192 = 26;      // hand-written wgmma 192x192 c2x1 n-split, bands of 8
-constexpr int kCfgWgmma128x160 = 28;      // hand-written wgmma 128x160 c2x1, bands of 8
+constexpr int kCfgWgmma128x256 = 24;      // hand-written wgmma 128x256 c2x1, bands chosen per launch
+constexpr int kCfgWgmma192x192 = 26;      // hand-written wgmma 192x192 c2x1 n-split, bands chosen per launch
+constexpr int kCfgWgmma128x160 = 28;      // hand-written wgmma 128x160 c2x1, bands chosen per launch
 static_assert(kSm90Configs[kCfgCoop128x256Dp].kernel == kSm90Coop128x256 &&
               kSm90Configs[kCfgCoop128x256Dp].decomp == kDecompDataParallel &&
               kSm90Configs[kCfgCoop128x256Dp].raster == kRasterAuto);
@@ -67,11 +70,11 @@ static_assert(kSm90Configs[kCfgCoop128x128Sk].kernel == kSm90Coop128x128 &&
 static_assert(kSm90Configs[kCfgPingpong128x128].kernel == kSm90Pingpong128x128 &&
               kSm90Configs[kCfgPingpong128x128].raster == kRasterAuto);
 static_assert(kSm90Configs[kCfgWgmma128x256].kernel == kSm90Wgmma128x256 &&
-              kSm90Configs[kCfgWgmma128x256].swizzle == 8);
+              kSm90Configs[kCfgWgmma128x256].swizzle == 0);
 static_assert(kSm90Configs[kCfgWgmma192x192].kernel == kSm90Wgmma192x192 &&
-              kSm90Configs[kCfgWgmma192x192].swizzle == 8);
+              kSm90Configs[kCfgWgmma192x192].swizzle == 0);
 static_assert(kSm90Configs[kCfgWgmma128x160].kernel == kSm90Wgmma128x160 &&
-              kSm90Configs[kCfgWgmma128x160].swizzle == 8);
+              kSm90Configs[kCfgWgmma128x160].swizzle == 0);
 
 // THE TABLE OF WINNERS: for an exact (M, N, K), the configurations bench/gemm_sweep.py measured fastest, for the
 // plain linear (with or without an activation epilogue) and for the gated residual (-1: the plain winner, or its
@@ -108,7 +111,8 @@ constexpr Sm90Winner kSm90Winners[] = {
     {512, 3072, 12288, 11, 11},    // txt mlp down: 0.061 vs 0.055; gated 0.062 vs 0.064
     {512, 3072, 3072, 9, 10},      // txt attention out: 0.022 vs 0.016; gated 0.022 vs 0.025
     // SDXL 1024x1024, batch 2 (CFG). Gated: the UNet's residual projections (gate = ones, batch folded into rows)
-    {8192, 5120, 640, 24, -1},     // 64x64 ff up, s13: 1.03x (CUTLASS 12: 1.02x)
+    {8192, 5120, 640, 24, -1},     // 64x64 ff up, s13: 1.03x (CUTLASS 12: 1.02x); H100 s17: 0.0881 ms with one-row
+                                   // bands (bands of 16, config 25, the H100 row until s17: 0.0898)
     {2048, 10240, 1280, 13, -1},   // 32x32 ff up: 0.077 vs 0.076 (s13: 1.00x; wgmma 24: 0.99x)
     {2048, 1280, 5120, 28, 17},    // 32x32 ff down, s13: 0.94x (CUTLASS 17: 0.90x); gated 1.22x
     {8192, 640, 640, 28, 12},      // 64x64 attention projections, s13: 0.96x (CUTLASS 12: 0.80x); gated 1.74x
@@ -132,7 +136,6 @@ constexpr Sm90Winner kSm90Winners[] = {
     {4096, 3072, 3072, 24, -1, 50},    // FLUX double img attention out gated: 0.115 (CUTLASS 12: 0.131)
     // (8192 x 640 -> 640 above: gated 0.0193, CUTLASS 17: 0.0215, 12: 0.0211)
     {2048, 1280, 1280, 28, -1, 50},    // SDXL 32x32 attention projections gated: 0.0152 (CUTLASS 17: 0.0161)
-    {8192, 5120, 640, 25, -1, 50},     // SDXL 64x64 ff up: 1.01 / 0.99 / 0.93x (CUTLASS 12: 1.00 / 0.98 / 0.93x)
     {2048, 10240, 1280, 25, -1, 50},   // SDXL 32x32 ff up: 0.94 / 0.96x (CUTLASS 16: 0.90x)
     {8192, 640, 640, 28, -1, 50},      // SDXL 64x64 attention projections: 1.00x (CUTLASS 12: 0.70 / 0.82x); gated s16
     {2048, 3840, 1280, 28, -1, 50},    // SDXL 32x32 qkv: 0.94x (wgmma 128x256: 0.90 / 0.93x; CUTLASS 16: 0.88x)
@@ -498,6 +501,19 @@ FDM_API int fdm_gemm_sm90_auto_config(int64_t M, int64_t N, int64_t K, int gated
 #endif
 }
 
+// The band height (cluster rows) the hand-written sm90 kernels walk for a grid of block_rows x block_cols clusters
+// of block_m x block_n outputs with wave_blocks clusters resident, depth k, on a card with l2_mib MiB of L2
+// (sm90::wgmma_band_rows); -1 without sm90 code. Host-only: tests check the rule with it.
+FDM_API int fdm_gemm_sm90_wgmma_band_rows(int64_t block_rows, int64_t block_cols, int64_t block_m, int64_t block_n,
+                                          int64_t wave_blocks, int64_t k, int l2_mib) {
+#ifdef FASTDM_HAS_SM90
+  return sm90::wgmma_band_rows(block_rows, block_cols, block_m, block_n, wave_blocks, k, int64_t(l2_mib) << 20);
+#else
+  (void)block_rows, (void)block_cols, (void)block_m, (void)block_n, (void)wave_blocks, (void)k, (void)l2_mib;
+  return -1;
+#endif
+}
+
 // A configuration measured on this machine for the exact problem M x K -> N (gated: a linear_gated_residual with
 // that many rows a batch), chosen ahead of the winners table from now on in this process; config -1 forgets it.
 // Loaded from scripts/tune_gemm.py's cache by runtime/ops/cuda/gemm_tuning.py.
@@ -559,7 +575,9 @@ FDM_API int fdm_gemm_sm90_config_name(int config, char* buf, int64_t len) {
   char order[32];
   if (c.raster == kRasterAuto)
     snprintf(order, sizeof(order), "raster auto");
-  else if (c.kernel >= kSm90Wgmma128x256)  // the hand-written kernels (the last in Sm90Kernel)
+  else if (c.kernel >= kSm90Wgmma128x256 && c.swizzle == 0)  // the hand-written kernels (the last in Sm90Kernel)
+    snprintf(order, sizeof(order), "along M bands per launch");
+  else if (c.kernel >= kSm90Wgmma128x256)
     snprintf(order, sizeof(order), "along M bands of %d", c.swizzle);
   else
     snprintf(order, sizeof(order), "along %s swizzle %d", c.raster == kRasterAlongM ? "M" : "N", c.swizzle);

@@ -95,7 +95,8 @@ enum Sm90Kernel : int {
                          // splitting the tile along N (192x96 each): cuBLAS's tiling for the large FLUX GEMMs
   kSm90Coop192x192Lean,  // kSm90Coop192x192 with the epilogue that never reads C: plain linear only (no gate)
   // Hand-written PTX kernels (gemm_sm90_wgmma.cu), plain linears and gated residuals, always data-parallel;
-  // `swizzle` is the height of the band of cluster rows the tiles walk down before moving along N.
+  // `swizzle` is the height of the band of cluster rows the tiles walk down before moving along N, 0 to choose it
+  // per launch (sm90::wgmma_band_rows in gemm_sm90.cu).
   kSm90Wgmma128x256,  // 128x256x64, cluster 2x1 (B multicast), warp groups splitting M (64x256 wgmmas)
   kSm90Wgmma192x192,  // 192x192x64, cluster 2x1 (B multicast), warp groups splitting N (64x96 wgmmas)
   kSm90Wgmma128x160,  // 128x160x64, cluster 2x1 (B multicast), warp groups splitting M (64x160 wgmmas)
@@ -120,7 +121,7 @@ struct Sm90Config {
   Sm90Decomp decomp;
   Sm90Raster raster;
   int swizzle;  // CUTLASS max_swizzle_size (1, 2, 4, 8); ignored with kRasterAuto, which picks its own. The wgmma
-                // kernels: band height in cluster rows
+                // kernels: band height in cluster rows, 0 = chosen per launch
 };
 
 // Every configuration, by index (fdm_gemm_sm90_set_config, the winners table in gemm.cu). Append new ones at the
@@ -150,12 +151,12 @@ inline constexpr Sm90Config kSm90Configs[] = {
     {kSm90Coop192x192, kDecompHeuristic, kRasterAuto, 1},          // 21
     {kSm90Coop192x192Lean, kDecompDataParallel, kRasterAuto, 1},   // 22
     {kSm90Coop192x192Lean, kDecompHeuristic, kRasterAuto, 1},      // 23
-    {kSm90Wgmma128x256, kDecompDataParallel, kRasterAlongM, 8},    // 24
+    {kSm90Wgmma128x256, kDecompDataParallel, kRasterAlongM, 0},    // 24
     {kSm90Wgmma128x256, kDecompDataParallel, kRasterAlongM, 16},   // 25
-    {kSm90Wgmma192x192, kDecompDataParallel, kRasterAlongM, 8},    // 26
+    {kSm90Wgmma192x192, kDecompDataParallel, kRasterAlongM, 0},    // 26
     {kSm90Wgmma192x192, kDecompDataParallel, kRasterAlongM, 16},   // 27
-    {kSm90Wgmma128x160, kDecompDataParallel, kRasterAlongM, 8},    // 28
-    {kSm90Wgmma128x160C2x2, kDecompDataParallel, kRasterAlongM, 8},  // 29
+    {kSm90Wgmma128x160, kDecompDataParallel, kRasterAlongM, 0},    // 28
+    {kSm90Wgmma128x160C2x2, kDecompDataParallel, kRasterAlongM, 0},  // 29
 };
 inline constexpr int kSm90ConfigCount = int(sizeof(kSm90Configs) / sizeof(kSm90Configs[0]));
 

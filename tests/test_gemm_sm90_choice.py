@@ -74,3 +74,37 @@ def test_rule_for_narrow_and_small_problems(choice):
     assert choice(3000, 1280, 3000).startswith("wgmma 128x160 c2x1")
     assert choice(3000, 1280, 3000, gated=True).startswith("wgmma 128x160 c2x1")
     assert choice(512, 6144, 2048).startswith("pingpong 128x128")
+
+
+@pytest.fixture(scope="module")
+def band_rows():
+    if not kernels.available():
+        pytest.skip("the kernel library is not built")
+    lib = kernels.library()
+    if not lib.fdm_has_sm90():
+        pytest.skip("the kernel library was built without sm_90a")
+
+    def band(m, n, k, tile_m, tile_n, cluster_m=2, cluster_n=1, l2=H100_L2):
+        block_m, block_n = tile_m * cluster_m, tile_n * cluster_n
+        wave = SMS // (cluster_m * cluster_n)  # one CTA an SM
+        return lib.fdm_gemm_sm90_wgmma_band_rows(math.ceil(m / block_m), math.ceil(n / block_n), block_m, block_n,
+                                                 wave, k, l2)
+
+    return band
+
+
+def test_wgmma_band_rows(band_rows):
+    """The hand-written kernels' tile walk (session 17, H100): bands of one cluster row where their first wave's
+    inputs fit in the L2 and are at most 1.5x those of the least-reading band (one-wave and few-wave SDXL grids,
+    FLUX's 3072 -> 3072), else the least-reading band, taller on ties."""
+    assert band_rows(2048, 1280, 5120, 128, 160) == 1  # SDXL 32x32 ff down: one wave, every band reads the same
+    assert band_rows(8192, 640, 640, 128, 160) == 1  # SDXL 64x64 attention projections: two waves
+    assert band_rows(2048, 3840, 1280, 128, 160) == 1  # SDXL 32x32 qkv: 1.3x the least
+    assert band_rows(8192, 5120, 640, 128, 256) == 1  # SDXL 64x64 ff up: 1.4x the least
+    assert band_rows(4608, 3072, 3072, 192, 192) == 1  # FLUX attention out: 1.04x, 29 MiB
+    assert band_rows(4608, 9216, 3072, 128, 256) == 8  # FLUX qkv: one-row bands read 2.2x
+    assert band_rows(2048, 10240, 1280, 128, 256) == 8  # SDXL 32x32 ff up: 2.5x
+    assert band_rows(27280, 14336, 3072, 192, 192) == 8  # Wan ff up: 4 and 8 read the same, the taller wins the tie
+    assert band_rows(4608, 3072, 12288, 192, 192) == 8  # FLUX mlp down: 1.04x, but 117 MiB a wave > the L2
+    assert band_rows(4608, 3072, 12288, 192, 192, l2=1024) == 1  # ... which a (hypothetical) 1 GiB L2 would hold
+    assert band_rows(100, 100, 64, 128, 160) == 1  # one cluster: nothing to choose

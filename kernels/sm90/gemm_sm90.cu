@@ -131,6 +131,32 @@ TileOrder auto_tile_order(int64_t M, int64_t N, int tile_m, int tile_n, int clus
   return best[0].order;
 }
 
+int wgmma_band_rows(int64_t block_rows, int64_t block_cols, int64_t block_m, int64_t block_n, int64_t wave_blocks,
+                    int64_t k, int64_t l2_bytes) {
+  // Inputs (x rows + w columns, per unit of K) that the first wave reads, for bands of 1, 2, 4, 8, 16 cluster rows
+  // (the walk goes down a band's rows, then along N: a band is the "group across" of wave_footprint).
+  int64_t reads[5];
+  int count = 0;
+  for (int64_t band = 1; count < 5; band *= 2) {
+    int64_t cols = 0, rows = 0;
+    wave_footprint(wave_blocks > 0 ? wave_blocks : 1, block_cols, block_rows, band, &cols, &rows);
+    reads[count++] = rows * block_m + cols * block_n;
+    if (band >= block_rows) break;  // taller bands walk the same order
+  }
+  int least = 0;
+  for (int i = 1; i < count; ++i)
+    if (reads[i] <= reads[least]) least = i;  // ties to the taller band
+  // Bands of one cluster row when their first wave's inputs (16-bit) fit in the L2 and are at most 1.5x the
+  // least-reading band's; else the least-reading band. H100, session 17 (interleaved rounds, docs/kernel_notes.md):
+  // one-row bands were 2-5% faster than bands of 8 on every SDXL shape (2048 x 5120 -> 1280: 0.0399 -> 0.0382 ms)
+  // and ~1% on FLUX's 3072 -> 3072; where they read 2-3x the least (FLUX qkv, 2048 x 1280 -> 10240, Wan ff up) they
+  // were ~5% slower, and where a wave's inputs exceed the L2 (FLUX's and Wan's long-K projections) 0.5-2% slower.
+  // Why one-row bands win when the reads are about equal (neighbouring clusters in launch order then share x rows
+  // while the cluster's multicast shares w) is not established.
+  const bool one_row = reads[0] * 2 <= reads[least] * 3 && reads[0] * k * 2 <= l2_bytes;
+  return one_row ? 1 : 1 << least;
+}
+
 }  // namespace sm90
 
 int linear_sm90(const LinearProblem& p, const Sm90Config& config, int sm_count, cudaStream_t stream) {

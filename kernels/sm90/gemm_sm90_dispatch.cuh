@@ -41,5 +41,11 @@ struct TileOrder {
 // swizzle * cluster, and padded tiles cost full compute).
 TileOrder auto_tile_order(int64_t M, int64_t N, int tile_m, int tile_n, int cluster_m, int cluster_n, int sm_count);
 
+// Band height (in cluster rows) for the hand-written kernels' tile walk (gemm_sm90_wgmma.cu, TileWalk): a grid of
+// block_rows x block_cols clusters of block_m x block_n outputs, wave_blocks clusters resident at once, depth k, on
+// a card with l2_bytes of L2.
+int wgmma_band_rows(int64_t block_rows, int64_t block_cols, int64_t block_m, int64_t block_n, int64_t wave_blocks,
+                    int64_t k, int64_t l2_bytes);
+
 }  // namespace sm90
 }  // namespace fdm

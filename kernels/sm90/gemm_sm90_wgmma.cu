@@ -559,7 +559,6 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
   args.k_blocks = int(ceil_div(p.K, kTileK));
   args.walk.block_rows = int(ceil_div(tiles_m, T::kClusterM));
   args.walk.block_cols = int(ceil_div(tiles_n, T::kClusterN));
-  args.walk.group = c.swizzle > 0 ? c.swizzle : 8;
   args.blocks = args.walk.block_rows * args.walk.block_cols;
 
   cudaLaunchAttribute attrs[2] = {cluster_attribute(dim3(T::kClusterSize))};
@@ -576,6 +575,11 @@ int launch(const LinearProblem& p, const Sm90Config& c, cudaStream_t stream) {
     cudaGetLastError();  // a query's failure is not the caller's error
     return kGemmNotSupported;
   }
+  DeviceFacts dev;
+  if (current_device_facts(&dev) != 0) dev.l2_mib = 0;  // then the band goes by the reads alone
+  args.walk.group = c.swizzle > 0 ? c.swizzle
+                                   : wgmma_band_rows(args.walk.block_rows, args.walk.block_cols, T::kM * T::kClusterM,
+                                                     T::kN * T::kClusterN, resident, p.K, int64_t(dev.l2_mib) << 20);
   cfg.gridDim = dim3(T::kClusterSize * (args.blocks < resident ? args.blocks : resident));
   cfg.numAttrs += pdl_attribute(&attrs[1]);
   if (cudaLaunchKernelEx(&cfg, kKernel, map_x, map_w, map_out, map_res, args) != cudaSuccess) return launch_status();

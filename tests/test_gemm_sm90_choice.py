@@ -13,12 +13,18 @@ H100_L2, H200_L2 = 50, 60
 
 
 @pytest.fixture(scope="module")
-def choice():
+def sm90_lib():
     if not kernels.available():
         pytest.skip("the kernel library is not built")
     lib = kernels.library()
     if not lib.fdm_has_sm90():
         pytest.skip("the kernel library was built without sm_90a")
+    return lib
+
+
+@pytest.fixture(scope="module")
+def choice(sm90_lib):
+    lib = sm90_lib
     names = kernels.sm90_config_names()
 
     def pick(m, n, k, gated=False, l2=H200_L2):
@@ -77,18 +83,12 @@ def test_rule_for_narrow_and_small_problems(choice):
 
 
 @pytest.fixture(scope="module")
-def band_rows():
-    if not kernels.available():
-        pytest.skip("the kernel library is not built")
-    lib = kernels.library()
-    if not lib.fdm_has_sm90():
-        pytest.skip("the kernel library was built without sm_90a")
-
+def band_rows(sm90_lib):
     def band(m, n, k, tile_m, tile_n, cluster_m=2, cluster_n=1, l2=H100_L2):
         block_m, block_n = tile_m * cluster_m, tile_n * cluster_n
         wave = SMS // (cluster_m * cluster_n)  # one CTA an SM
-        return lib.fdm_gemm_sm90_wgmma_band_rows(math.ceil(m / block_m), math.ceil(n / block_n), block_m, block_n,
-                                                 wave, k, l2)
+        return sm90_lib.fdm_gemm_sm90_wgmma_band_rows(math.ceil(m / block_m), math.ceil(n / block_n), block_m,
+                                                      block_n, wave, k, l2)
 
     return band
 

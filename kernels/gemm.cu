@@ -145,6 +145,10 @@ constexpr Sm90Winner kSm90Winners[] = {
     {1976, 3840, 1280, 25, -1, 50},    // SDXL 832x1216 26x38 qkv: 0.87 / 0.90 / 0.90x (CUTLASS 16: 0.85x)
     {7904, 640, 2560, 28, -1, 50},     // SDXL 832x1216 52x76 ff down: 0.91x (CUTLASS 17: 0.88 / 0.89x)
     {27280, 3072, 14336, 24, -1, 50},  // Wan ff down: 1.00 / 1.01 / 0.95x (CUTLASS 22: 1.06 / 0.96 / 0.93x)
+    // Session 17, FLUX's double-block text stream (6 interleaved rounds, ms): the H200's CUTLASS picks above ran
+    // 6-25% behind ping-pong 128x128 in clusters of two here.
+    {512, 3072, 12288, 14, 14, 50},    // txt mlp down: 0.0685 (11: 0.0849); gated 0.0686 (11: 0.0860)
+    {512, 12288, 3072, 14, -1, 50},    // txt mlp up: 0.0577 (12: 0.0615); gelu_tanh 0.0604 (12: 0.0630)
 };
 
 constexpr bool winners_valid() {

@@ -52,6 +52,11 @@ def test_card_rows(choice):
     for m, n, k in [(4608, 3072, 12288), (4608, 3072, 15360), (4608, 3072, 3072), (4096, 3072, 12288),
                     (4096, 3072, 3072), (8192, 640, 640), (2048, 1280, 1280)]:
         assert choice(m, n, k, gated=True, l2=H100_L2).startswith("wgmma"), (m, n, k)
+    # FLUX's 512-row text-stream MLP (session 17): ping-pong 128x128 in clusters of two on the H100
+    for m, n, k in [(512, 3072, 12288), (512, 12288, 3072)]:
+        assert choice(m, n, k, l2=H100_L2).startswith("pingpong 128x128 c2x1"), (m, n, k)
+    assert choice(512, 3072, 12288, gated=True, l2=H100_L2).startswith("pingpong 128x128 c2x1")
+    assert choice(512, 3072, 12288, l2=H200_L2).startswith("coop 128x128")
 
 
 def last_wave_fill(tiles):

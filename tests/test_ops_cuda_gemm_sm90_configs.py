@@ -269,15 +269,16 @@ def test_winners_per_card(rng, forced_sm90):
     """Rows of kSm90Winners tagged with a card's L2 size win on that card; untagged rows serve every card. FLUX's
     mlp-up shape (4608 x 3072 -> 12288) has an H100 row (50 MiB of L2) besides the H200-swept one, so the choice
     differs between the two cards, and both gated choices take a gate; a shape with one untagged row (the
-    double-stream text mlp up) and one with no row (the rule) choose alike on both. On this GPU the configuration a
-    real linear runs is the one fdm_gemm_sm90_auto_config names for this card's SM count and L2 size."""
+    double-stream text attention out) and one with no row (the rule) choose alike on both. On this GPU the
+    configuration a real linear runs is the one fdm_gemm_sm90_auto_config names for this card's SM count and L2
+    size."""
     auto = forced_sm90.fdm_gemm_sm90_auto_config
     names = kernels.sm90_config_names()
     h100, h200 = (auto(4608, 12288, 3072, 0, 132, 50), auto(4608, 12288, 3072, 0, 132, 60))
     assert h100 != h200
     for l2 in (50, 60):
         assert takes_gate(names[auto(4608, 12288, 3072, 1, 132, l2)])
-    for m, n, k in [(512, 12288, 3072), (1000, 2000, 3000)]:
+    for m, n, k in [(512, 3072, 3072), (1000, 2000, 3000)]:
         assert auto(m, n, k, 0, 132, 50) == auto(m, n, k, 0, 132, 60)
     m, k, n = 4608, 3072, 3072
     x, w = gpu(rand(rng, "bfloat16", m, k)), gpu(rand(rng, "bfloat16", n, k, scale=k ** -0.5))

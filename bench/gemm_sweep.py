@@ -34,7 +34,7 @@ from fastdm.runtime.dlpack import from_dlpack
 from fastdm import kernels as fdm_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import device_ms, gemm_bench_shapes, interleaved_ms  # noqa: E402
+from timing import gemm_bench_shapes, interleaved_ms  # noqa: E402
 
 EXTRA_SHAPES = {  # name: (M, K, N)
     "sdxl 64x64 attn proj 640->640": (8192, 640, 640),
@@ -135,25 +135,31 @@ def sweep_case(case: Case, lib, names: list[str], configs: list[int], reps: int,
             results[idx] = {"ms": None, "rel_l2": None, "note": "did not run on sm90 with this configuration"}
             continue
         results[idx] = {"ms": None, "rel_l2": rel_l2(out, ref)}
-    # Time torch and every configuration that ran, all of them once a round (see --rounds).
-    timed = [idx for idx, r in results.items() if r["rel_l2"] is not None]
-    def forced(idx):
-        def run():
-            fdm_kernels.call("fdm_gemm_sm90_set_config", idx)
-            return ours()
-        return run
-
-    ms = interleaved_ms({"torch": case.torch_fn(), **{idx: forced(idx) for idx in timed}}, reps, rounds, batches)
-    t_ms = ms["torch"]
-    for idx in timed:
-        results[idx]["ms"] = ms[idx]
+    # The library's own choice (any path), its configuration and error, from one call.
     fdm_kernels.call("fdm_gemm_sm90_set_config", -1)
     fdm_kernels.call("fdm_gemm_set_path", 0)
     out = ours()
     torch.cuda.synchronize()
     auto = {"config": lib.fdm_gemm_sm90_last_config() if lib.fdm_gemm_last_path() == SM90_PATH else
-            PATH_NAMES[lib.fdm_gemm_last_path()],
-            "ms": device_ms(ours, reps, batches), "rel_l2": rel_l2(out, ref)}
+            PATH_NAMES[lib.fdm_gemm_last_path()], "ms": None, "rel_l2": rel_l2(out, ref)}
+
+    def forced(path, config):
+        def run():
+            fdm_kernels.call("fdm_gemm_set_path", path)
+            fdm_kernels.call("fdm_gemm_sm90_set_config", config)
+            return ours()
+        return run
+
+    # Time torch, the automatic choice and every configuration that ran, all of them once a round (see --rounds),
+    # so that the automatic choice is compared with the others under the same drift.
+    timed = [idx for idx, r in results.items() if r["rel_l2"] is not None]
+    ms = interleaved_ms({"torch": case.torch_fn(), "auto": forced(0, -1),
+                         **{idx: forced(SM90_PATH, idx) for idx in timed}}, reps, rounds, batches)
+    fdm_kernels.call("fdm_gemm_sm90_set_config", -1)
+    fdm_kernels.call("fdm_gemm_set_path", 0)
+    t_ms, auto["ms"] = ms["torch"], ms["auto"]
+    for idx in timed:
+        results[idx]["ms"] = ms[idx]
     good = {i: r for i, r in results.items() if r["ms"] is not None and r["rel_l2"] < MAX_REL_L2}
     winner = min(good, key=lambda i: good[i]["ms"]) if good else None
     return {"name": case.name, "kind": case.kind, "M": case.m, "K": case.k, "N": case.n, "torch_ms": t_ms,

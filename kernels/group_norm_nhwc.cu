@@ -264,7 +264,7 @@ gn_nhwc_apply_kernel(const T* __restrict__ x, const float* __restrict__ a, const
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         float v = fmaf(to_f32(p[j].v[e]) - sk[e], sa[e], sb[e]);
-        if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
+        if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_pack_element(v, e);
         out.v[e] = from_f32<T>(v);
       }
       store_pack_cs<T, V>(yp + j * step, out);

@@ -734,7 +734,7 @@ group_norm_apply_kernel(const T* __restrict__ x, const float* __restrict__ ws, c
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         float v = fmaf(pack_f32(p[k], e), a, c);
-        if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
+        if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_pack_element(v, e);
         out.v[e] = from_f32<T>(v);
       }
       store_pack_cs<T, V>(yc + static_cast<int64_t>(j) * V, out);
@@ -940,7 +940,7 @@ FDM_API int fdm_group_norm(const void* x, const void* w, const void* b, void* y,
   if (N * G > 65535) return arg_error("fdm_group_norm: N * groups = %lld exceeds 65535", (long long)(N * G));
   if (N == 0 || C == 0 || HW == 0) return 0;
   // Hopper: the one-pass cluster kernel where a group fits a cluster (16 CTAs of 76 KB: groups up to ~1.2 MB; HW in
-  // whole 16-byte packs); the two-pass kernels below take what it declines.
+  // whole 16-byte packs) and there is a group for every four SMs; the two-pass kernels below take what it declines.
   if (g_gn_force_path == kGnResident)
     return arg_error("fdm_group_norm: the whole-tensor-on-chip path takes channels-last input only");
   if (const int st = group_norm_try_sm90(

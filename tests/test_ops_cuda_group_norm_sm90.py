@@ -109,6 +109,18 @@ def test_one_pass(rng, dtype, shape, groups, affine, activation):
     assert err < TOL[dtype], f"rel_l2 {err:.3g} >= {TOL[dtype]}"
 
 
+@pytest.mark.parametrize("shape", [(1, 512, 64, 64), (1, 640, 32, 32), (1, 256, 128, 128), (2, 1280, 32, 32),
+                                   (2, 512, 128, 128)], ids=lambda s: "x".join(map(str, s)))
+def test_auto_takes_the_cluster_kernel_from_a_group_per_four_sms(rng, shape):
+    """Unforced, the NCHW cluster kernel takes a call only where it has at least a cluster (a group) for every four
+    SMs; the two-pass kernels take the rest."""
+    x = rand(rng, "bfloat16", *shape, scale=2.0, shift=3.0)
+    out, path = run(x, None, None, 32, "silu", AUTO)
+    assert path == (ONE_PASS if 4 * shape[0] * 32 >= cuda.Device(0).multiprocessor_count else TWO_PASS)
+    ref = cpu.group_norm(x, None, None, num_groups=32, eps=1e-5, activation="silu")
+    assert rel_l2(out.numpy().astype(np.float32), ref) < TOL["bfloat16"]
+
+
 def channels_last_case(rng, dtype, shape, affine):
     """x [N, *spatial, C] with a large mean, and the affine weight and bias (or None)."""
     x = rand(rng, dtype, *shape, scale=3.0, shift=5.0)

@@ -112,7 +112,7 @@ __device__ __forceinline__ Pack<T, V> normalize_channels(const Pack<T, V>& p, co
 #pragma unroll
   for (int e = 0; e < V; ++e) {
     float v = fmaf(pack_f32(p, e), ac[e].x, ac[e].y);
-    if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
+    if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_pack_element(v, e);
     out.v[e] = from_f32<T>(v);
   }
   return out;

@@ -12,8 +12,10 @@
 // inputs are on chip in a single wave (a second wave of a few clusters, which ran alone after the first, cost
 // ~7 us). What it does not reach: every CTA needs its whole group's statistics before its first store, so the
 // ~33 MB of reads all come before the writes, and a cluster waits for its slowest CTA's copies (load completion
-// spreads over ~8 us). At [2, 512, 128, 128] bf16 it runs ~35 us on the H100 against a 25.5 us copy of the same
-// bytes and ~39 us for the two-pass kernels; docs/kernel_notes.md, session 11, has the traces and the variants tried.
+// spreads over ~8 us). At [2, 512, 128, 128] bf16 + SiLU it runs ~31 us on the H100 against a 25.8 us copy of the
+// same bytes and ~37 us for the two-pass kernels; docs/kernel_notes.md, session 11, has the traces and the variants
+// tried, session 18 two designs that took groups in rounds and lost. With fewer groups than a quarter of the SMs
+// the two-pass kernels win and take the call (launch_cluster).
 //
 // Channels-last: a group is a Cg-channel column of every pixel row, so each CTA copies rows in with 4-16 byte
 // cp.async units instead of bulk copies, and writes them back the same way. It pays only where those rows are wide
@@ -60,7 +62,7 @@ __device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V>& p, float2 ac) 
 #pragma unroll
   for (int e = 0; e < V; ++e) {
     float v = fmaf(pack_f32(p, e), ac.x, ac.y);
-    if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
+    if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_pack_element(v, e);
     out.v[e] = from_f32<T>(v);
   }
   return out;
@@ -287,7 +289,7 @@ group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
     for (int e = 0; e < V; ++e) {
       const float2 ac = coef[c];
       float v = fmaf(pack_f32(p, e), ac.x, ac.y);
-      if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_fast(v);
+      if constexpr (kSilu) v = std::is_same_v<T, float> ? silu(v) : silu_pack_element(v, e);
       out.v[e] = from_f32<T>(v);
       if (++c == static_cast<uint32_t>(Cg)) c = 0;
     }
@@ -343,6 +345,14 @@ int launch_cluster(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t 
   constexpr int V = vec16<T>();
   const int64_t L = int64_t{Cg} * HW, ranks = group_ranks(L * static_cast<int64_t>(sizeof(T)));
   if (ranks == 0) return kGroupNormSm90Declined;
+  // With fewer clusters (groups) than a quarter of the SMs the two-pass kernels, which spread any tensor over every
+  // SM, were faster. H100, bf16 + SiLU, us here / two-pass: 32 groups: [1, 320, 64, 64] 8.6 / 7.5, [1, 640, 32, 32]
+  // 8.2 / 6.6, [1, 512, 64, 64] 11.0 / 8.1, [1, 256, 128, 128] 14.1 / 12.0, [1, 512, 128, 128] 18.4 / 18.1; 64
+  // groups: [2, 320, 64, 64] 9.6 / 10.6, [2, 1280, 32, 32] 9.8 / 10.6, [2, 512, 64, 64] 12.0 / 12.0, [2, 512, 128,
+  // 128] 31.3 / 36.9. (Not applied when a test forces this kernel.)
+  DeviceFacts dev;
+  if (const int e = current_device_facts(&dev)) return e;
+  if (g_gn_force_path != kGnOnePass && 4 * N * G < dev.sm_count) return kGroupNormSm90Declined;
   const int64_t piece = ceil_div(ceil_div(L, ranks), V) * V;
   if ((ranks - 1) * piece >= L) return kGroupNormSm90Declined;  // a rank would get nothing (tiny groups)
   const int64_t in_regs = int64_t{kRegPacks} * kGnoThreads * V, held = piece > in_regs ? piece - in_regs : 0;
@@ -396,7 +406,8 @@ int launch_nhwc_any_unit(const void* x, const void* w, const void* b, void* y, i
 
 // GroupNorm (+ SiLU) of x [N, C, HW] (contiguous) in one pass, as fdm_group_norm defines it. Declines (returns
 // kGroupNormSm90Declined, nothing launched) where a group does not fit a cluster's shared memory, where HW is not a
-// multiple of the 16-byte pack or a pointer is not 16-byte aligned, or where the device cannot schedule the cluster.
+// multiple of the 16-byte pack or a pointer is not 16-byte aligned, where the device cannot schedule the cluster, or
+// (unless a test forces this kernel) where there are fewer groups than a quarter of the SMs.
 int group_norm_sm90(const void* x, const void* w, const void* b, void* y, int64_t N, int64_t C, int64_t HW, int G,
                     float eps, bool silu_act, int dtype, cudaStream_t stream) {
   const int64_t Cg = C / G;

@@ -157,10 +157,11 @@ group_norm_resident_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w
     for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);
     fence_barrier_init();
     const auto* src = reinterpret_cast<const unsigned char*>(x + base);
+    const uint64_t evict_first = l2_evict_first_policy();  // x is read once
     for (int s = 0; s < stages; ++s) {
       const uint32_t off = s * stage_bytes, sz = bytes - off < stage_bytes ? bytes - off : stage_bytes;
       mbar_expect_tx(&bars[s], sz);
-      bulk_load(smem + off, src + off, sz, &bars[s]);
+      bulk_load(smem + off, src + off, sz, &bars[s], evict_first);
     }
   }
   __syncthreads();  // the barriers are initialized before anyone waits on them

@@ -141,10 +141,11 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
     for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);
     fence_barrier_init();
     const auto* src = reinterpret_cast<const unsigned char*>(x + ng * L + p0);
+    const uint64_t evict_first = l2_evict_first_policy();  // x is read once
     for (int s = 0; s < stages; ++s) {
       const uint32_t off = s * kStageBytes, sz = bytes - off < kStageBytes ? bytes - off : kStageBytes;
       mbar_expect_tx(&bars[s], sz);
-      bulk_load(smem + off, src + off, sz, &bars[s]);
+      bulk_load(smem + off, src + off, sz, &bars[s], evict_first);
     }
   }
   __syncthreads();  // the barriers are initialized before anyone waits on them

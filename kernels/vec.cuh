@@ -230,11 +230,14 @@ __device__ __forceinline__ float silu_newton(float x) {
   r = fmaf(r, fmaf(-d, r, 1.f), r);
   return fmaxf(x, x * u) * r;
 }
-// SiLU of element e of a 16-bit pack: odd elements by silu_newton, even ones by silu_fast, so that a kernel whose
-// normalize-and-store phase is MUFU-bound (GroupNorm + SiLU: two MUFU operations an element) spreads it over both
-// pipes. H100, GroupNorm + SiLU bf16 [2, 512, 128, 128]: NCHW 32.5 -> 31.3 us, channels-last 35.2 -> 34.4 us; all
-// elements by silu_newton was no faster than silu_fast (32.9 / 35.0 us).
-__device__ __forceinline__ float silu_pack_element(float x, int e) { return (e & 1) ? silu_newton(x) : silu_fast(x); }
+// SiLU of element e of a 16-bit pack: elements 1, 4 and 6 of every 8 by silu_newton, the others by silu_fast, so
+// that a kernel whose normalize-and-store phase is MUFU-bound (GroupNorm + SiLU: two MUFU operations an element)
+// spreads it over both pipes. H100, GroupNorm + SiLU bf16 [2, 512, 128, 128], NCHW / channels-last us: all by
+// silu_fast 32.5 / 35.2, 4 of 8 by silu_newton 31.3 / 34.4 (then, after the evict-first loads, 29.0 / 32.0), 3 of 8
+// 29.0 / 31.5, 5 of 8 29.4 / 32.1, all 32.9 / 35.0 (issue-bound instead).
+__device__ __forceinline__ float silu_pack_element(float x, int e) {
+  return (0x52 >> (e & 7)) & 1 ? silu_newton(x) : silu_fast(x);
+}
 __device__ __forceinline__ float quick_gelu_fast(float x) { return sigmoid_mul_fast(x, 1.702f * x); }
 
 // Blocks for a grid-stride loop over `n` items with `threads` threads each: enough to fill any GPU, never more

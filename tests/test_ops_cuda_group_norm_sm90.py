@@ -229,12 +229,14 @@ def test_auto_takes_one_pass_where_it_fits(rng):
 
 
 def test_channels_last_auto_choice(rng):
-    """The whole-tensor kernel takes what fits the chips (groups of at least one 16-byte pack of channels); the
-    cluster kernel takes C = 68 (not a whole number of packs, but 68-byte group rows); groups of 3 channels and a
-    42 MB tensor with 40-byte group rows go to the three-kernel path; all correctly."""
-    for shape, groups, want in (((2, 32, 32, 1280), 32, RESIDENT), ((2, 32, 32, 640), 32, RESIDENT),
-                                ((1, 8, 9, 68), 2, ONE_PASS), ((1, 8, 8, 12), 4, TWO_PASS),
-                                ((2, 128, 128, 640), 32, TWO_PASS)):
+    """The whole-tensor kernel takes what fits the chips (groups of at least one 16-byte pack of channels) from 6 MiB
+    up (7.9 MB here); under that the cluster kernel goes first where it can (80-byte group rows, 5.2 MB) and the
+    whole-tensor kernel takes what it declines (40-byte rows); the cluster kernel takes C = 68 (not a whole number of
+    packs, but 68-byte group rows); groups of 3 channels and a 42 MB tensor with 40-byte group rows go to the
+    three-kernel path; all correctly."""
+    for shape, groups, want in (((2, 32, 32, 1920), 32, RESIDENT), ((2, 32, 32, 1280), 32, ONE_PASS),
+                                ((2, 32, 32, 640), 32, RESIDENT), ((1, 8, 9, 68), 2, ONE_PASS),
+                                ((1, 8, 8, 12), 4, TWO_PASS), ((2, 128, 128, 640), 32, TWO_PASS)):
         x = rand(rng, "bfloat16", *shape, shift=2.0)
         out, path = run(x, None, None, groups, None, AUTO, channels_last=True)
         assert path == want, shape

@@ -32,6 +32,11 @@ namespace {
 constexpr int kResMaxThreads = 512;
 constexpr int kResRegPacks = 8;    // 16-byte packs a thread may hold in registers (64 KB of a 512-thread CTA)
 constexpr int kResStagePacks = 2;  // 16-byte packs a thread a stage (one bulk copy and one mbarrier each)
+// Bulk copies a CTA keeps in flight (the next issued as one lands) instead of issuing every stage at once: DRAM then
+// serves the SMs more evenly and the last CTA's rows land sooner. H100, bf16 + SiLU, six shapes: 0.1-0.7 us faster
+// with two or three in flight ([2, 128, 128, 512] 31.88 -> 31.22 / 31.27 us, [2, 64, 64, 1280] 24.73 -> 24.09 /
+// 24.10), slower with one (32.18 -> 33.48).
+constexpr int kResInFlightStages = 3;
 
 // Running moments of a thread's V channels; every channel has seen the same number of values, n.
 template <int V>
@@ -153,22 +158,24 @@ group_norm_resident_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w
   if (on && w) wp = load_pack<T, V>(w + c0);
   if (on && b) bp = load_pack<T, V>(b + c0);
 
+  const auto* src = reinterpret_cast<const unsigned char*>(x + base);
+  auto issue = [&](int s) {  // stage s's bulk copy; x is read once, so evict-first in L2
+    const uint32_t off = s * stage_bytes, sz = bytes - off < stage_bytes ? bytes - off : stage_bytes;
+    mbar_expect_tx(&bars[s], sz);
+    bulk_load(smem + off, src + off, sz, &bars[s], l2_evict_first_policy());
+  };
+  const int in_flight = stages < kResInFlightStages ? stages : kResInFlightStages;
   if (t == 0) {
     for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);
     fence_barrier_init();
-    const auto* src = reinterpret_cast<const unsigned char*>(x + base);
-    const uint64_t evict_first = l2_evict_first_policy();  // x is read once
-    for (int s = 0; s < stages; ++s) {
-      const uint32_t off = s * stage_bytes, sz = bytes - off < stage_bytes ? bytes - off : stage_bytes;
-      mbar_expect_tx(&bars[s], sz);
-      bulk_load(smem + off, src + off, sz, &bars[s], evict_first);
-    }
+    for (int s = 0; s < in_flight; ++s) issue(s);
   }
   __syncthreads();  // the barriers are initialized before anyone waits on them
 
   ChannelMoments<V> cm;
   for (int s = 0; s < stages; ++s) {
     mbar_wait(&bars[s], 0);
+    if (t == 0 && s + in_flight < stages) issue(s + in_flight);
     const uint32_t j0 = s * static_cast<uint32_t>(active) * kResStagePacks + t;
     if (on && j0 < nvec) {
       Pack<T, V> p[kResStagePacks];

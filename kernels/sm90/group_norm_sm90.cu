@@ -10,11 +10,12 @@
 // Group n*G + g of x [N, C, HW] is the contiguous run of L = (C / G) * HW elements at (n*G + g) * L; CTA r of the
 // group's cluster takes elements [r * piece, min(L, (r+1) * piece)). Four CTAs share an SM, and SDXL's GroupNorm
 // inputs are on chip in a single wave (a second wave of a few clusters, which ran alone after the first, cost
-// ~7 us). What it does not reach: every CTA needs its whole group's statistics before its first store, so the
-// ~33 MB of reads all come before the writes, and a cluster waits for its slowest CTA's copies (load completion
-// spreads over ~8 us). At [2, 512, 128, 128] bf16 + SiLU it runs ~31 us on the H100 against a 25.8 us copy of the
-// same bytes and ~37 us for the two-pass kernels; docs/kernel_notes.md, session 11, has the traces and the variants
-// tried, session 18 two designs that took groups in rounds and lost. With fewer groups than a quarter of the SMs
+// ~7 us). What it does not reach: every CTA needs its whole group's statistics before its first store, so a group's
+// reads all come before its writes, and a cluster waits for its slowest CTA's copies; the later half of the groups
+// pace their copies so that the earlier half's stores overlap their reads (group_norm_cluster_kernel). At
+// [2, 512, 128, 128] bf16 + SiLU it runs ~28.4 us on the H100 against a 25.8 us copy of the same bytes and ~37 us
+// for the two-pass kernels; docs/kernel_notes.md, session 11, has the traces and the variants tried, session 18 two
+// designs that took groups in rounds and lost, session 20 the pacing. With fewer groups than a quarter of the SMs
 // the two-pass kernels win and take the call (launch_cluster).
 //
 // Channels-last: a group is a Cg-channel column of every pixel row, so each CTA copies rows in with 4-16 byte
@@ -68,13 +69,15 @@ __device__ __forceinline__ Pack<T, V> normalize(const Pack<T, V>& p, float2 ac) 
   return out;
 }
 
-// This thread's moments of a piece in shared memory (nvec packs), stage by stage as each stage's barrier completes.
-template <typename T, int V>
+// This thread's moments of a piece in shared memory (nvec packs), stage by stage as each stage's barrier completes;
+// landed(s) runs in every thread right after stage s is seen complete (the NCHW kernel issues a later stage there).
+template <typename T, int V, typename Landed>
 __device__ __forceinline__ void staged_moments(const Pack<T, V>* packs, uint64_t* bars, int stages, uint32_t nvec,
-                                               Moments& acc) {
+                                               Moments& acc, Landed&& landed) {
   constexpr int kStagePacks = kStageBytes / 16, kPacksPerThread = kStagePacks / kGnoThreads;
   for (int s = 0; s < stages; ++s) {
     mbar_wait(&bars[s], 0);
+    landed(s);
     Pack<T, V> p[kPacksPerThread];
     const uint32_t j0 = s * kStagePacks + threadIdx.x;
 #pragma unroll
@@ -115,11 +118,19 @@ __device__ __forceinline__ void group_coefficients(Moments acc, Moments* warp_m,
 // [r * piece, min(L, (r+1) * piece)) of it (piece a multiple of V; L: the group's elements), the first `held` of
 // them in shared memory and the rest (at most kRegPacks packs a thread) in registers, so four CTAs fit an SM and the
 // SDXL shapes' whole tensor is on chip at once.
+//
+// Groups from `late` on keep one bulk copy in flight a CTA (the next issued as one lands) instead of issuing all at
+// once. DRAM then serves the earlier groups first, so their statistics are ready and their stores run while the
+// later groups still arrive, rather than every group's reads finishing together before any store. H100, bf16 +
+// SiLU, [2, 512, 128, 128]: 28.96 -> 28.40 us with the second half of the groups so paced (two machine starts);
+// pacing a quarter, three quarters or five eighths of them, or letting them keep two copies in flight, measured
+// 28.4-28.9; pacing every group (one copy in flight each) 28.9. A gate that held each cluster's copies until the
+// cluster `window` groups earlier had landed (a counter in global memory) cost ~3 us a step of the chain instead.
 template <typename T, bool kSilu>
 __global__ void __launch_bounds__(kGnoThreads, 4)
 group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                           T* __restrict__ y, uint32_t L, uint32_t HW, int Cg, int G, uint32_t piece, uint32_t held,
-                          float eps) {
+                          int64_t late, float eps) {
   constexpr int V = vec16<T>();
   extern __shared__ __align__(128) unsigned char smem[];
   wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
@@ -137,16 +148,17 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   auto* coef = reinterpret_cast<float2*>(smem + lay.coef);
   const auto* packs = reinterpret_cast<const Pack<T, V>*>(smem);
 
+  const auto* src = reinterpret_cast<const unsigned char*>(x + ng * L + p0);
+  auto issue = [&](int s) {  // stage s's bulk copy; x is read once, so evict-first in L2
+    const uint32_t off = s * kStageBytes, sz = bytes - off < kStageBytes ? bytes - off : kStageBytes;
+    mbar_expect_tx(&bars[s], sz);
+    bulk_load(smem + off, src + off, sz, &bars[s], l2_evict_first_policy());
+  };
+  const int in_flight = ng >= late && stages > 1 ? 1 : stages;  // copies issued up front
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);
     fence_barrier_init();
-    const auto* src = reinterpret_cast<const unsigned char*>(x + ng * L + p0);
-    const uint64_t evict_first = l2_evict_first_policy();  // x is read once
-    for (int s = 0; s < stages; ++s) {
-      const uint32_t off = s * kStageBytes, sz = bytes - off < kStageBytes ? bytes - off : kStageBytes;
-      mbar_expect_tx(&bars[s], sz);
-      bulk_load(smem + off, src + off, sz, &bars[s], evict_first);
-    }
+    for (int s = 0; s < in_flight; ++s) issue(s);
   }
   __syncthreads();  // the barriers are initialized before anyone waits on them
 
@@ -161,7 +173,9 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
         regs[k] = load_pack_cs<T, V>(xr + static_cast<int64_t>(threadIdx.x + k * kGnoThreads) * V);
   };
   Moments acc{0.f, 0.f, 0.f};
-  staged_moments<T, V>(packs, bars, stages, nvec, acc);
+  staged_moments<T, V>(packs, bars, stages, nvec, acc, [&](int s) {
+    if (threadIdx.x == 0 && s + in_flight < stages) issue(s + in_flight);
+  });
   load_regs();
   packs_moments<T, V, kRegPacks, kGnoThreads>(regs, threadIdx.x, nvec_regs, acc);
   group_coefficients(acc, warp_m, cta_m, coef, w, b, static_cast<int>(ng % G) * Cg, Cg, static_cast<float>(L), eps);
@@ -274,7 +288,7 @@ group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
   }
 
   Moments acc{0.f, 0.f, 0.f};
-  staged_moments<T, V>(packs, bars, stages, nvec, acc);
+  staged_moments<T, V>(packs, bars, stages, nvec, acc, [](int) {});
   group_coefficients(acc, warp_m, cta_m, coef, w, b, g * Cg, Cg, static_cast<float>(S) * static_cast<float>(Cg),
                      eps);
 
@@ -360,7 +374,7 @@ int launch_cluster(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t 
   const GnoLayout lay(static_cast<uint32_t>(held * sizeof(T)), kGnoThreads, Cg);
   return launch_clusters<group_norm_cluster_kernel<T, kSilu>>(
       ranks, N * G, lay.bytes, false, stream, x, w, b, y, static_cast<uint32_t>(L), static_cast<uint32_t>(HW), Cg, G,
-      static_cast<uint32_t>(piece), static_cast<uint32_t>(held), eps);
+      static_cast<uint32_t>(piece), static_cast<uint32_t>(held), N * G / 2, eps);
 }
 
 // Channels-last: rows of a piece a CTA, at most 64 KB of them (three CTAs an SM; no register part), every piece a

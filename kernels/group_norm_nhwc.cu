@@ -355,7 +355,9 @@ FDM_API int fdm_group_norm_nhwc(const void* x, const void* w, const void* b, voi
   auto resident = [&] {
     return group_norm_try_sm90(
         kGnResident,
-        [&] { return group_norm_nhwc_resident_sm90(x, w, b, y, ws, chunks, N, S, C, G, eps, silu != 0, dtype, stream); },
+        [&] {
+          return group_norm_nhwc_resident_sm90(x, w, b, y, ws, chunks, N, S, C, G, eps, silu != 0, dtype, stream);
+        },
         "fdm_group_norm_nhwc",
         "x within the device's shared memory and registers (one CTA an SM), groups of at least one 16-byte pack of "
         "channels, C a whole number of packs, aligned x, y and ws");

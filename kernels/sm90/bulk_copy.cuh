@@ -37,6 +37,15 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
 }
+// Stage s of a run of `bytes` moved in `stage_bytes` pieces (the last may be shorter): bytes [s * stage_bytes, ...)
+// of src into the same offset of dst, completing bars[s], armed here with the piece's size. The one-pass GroupNorm
+// kernels issue some stages up front and one more each time a stage lands.
+__device__ __forceinline__ void bulk_load_stage(unsigned char* dst, const unsigned char* src, uint32_t bytes,
+                                                uint32_t stage_bytes, int s, uint64_t* bars, uint64_t policy) {
+  const uint32_t off = s * stage_bytes, sz = bytes - off < stage_bytes ? bytes - off : stage_bytes;
+  mbar_expect_tx(&bars[s], sz);
+  bulk_load(dst + off, src + off, sz, &bars[s], policy);
+}
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   asm volatile(
       "{\n\t.reg .pred done;\n"

@@ -159,11 +159,8 @@ group_norm_resident_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w
   if (on && b) bp = load_pack<T, V>(b + c0);
 
   const auto* src = reinterpret_cast<const unsigned char*>(x + base);
-  auto issue = [&](int s) {  // stage s's bulk copy; x is read once, so evict-first in L2
-    const uint32_t off = s * stage_bytes, sz = bytes - off < stage_bytes ? bytes - off : stage_bytes;
-    mbar_expect_tx(&bars[s], sz);
-    bulk_load(smem + off, src + off, sz, &bars[s], l2_evict_first_policy());
-  };
+  const uint64_t evict_first = l2_evict_first_policy();  // x is read once
+  auto issue = [&](int s) { bulk_load_stage(smem, src, bytes, stage_bytes, s, bars, evict_first); };
   const int in_flight = stages < kResInFlightStages ? stages : kResInFlightStages;
   if (t == 0) {
     for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);

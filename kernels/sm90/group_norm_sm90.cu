@@ -162,11 +162,8 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   const auto* packs = reinterpret_cast<const Pack<T, V>*>(smem);
 
   const auto* src = reinterpret_cast<const unsigned char*>(x + ng * L + p0);
-  auto issue = [&](int s) {  // stage s's bulk copy; x is read once, so evict-first in L2
-    const uint32_t off = s * kStageBytes, sz = bytes - off < kStageBytes ? bytes - off : kStageBytes;
-    mbar_expect_tx(&bars[s], sz);
-    bulk_load(smem + off, src + off, sz, &bars[s], l2_evict_first_policy());
-  };
+  const uint64_t evict_first = l2_evict_first_policy();  // x is read once
+  auto issue = [&](int s) { bulk_load_stage(smem, src, bytes, kStageBytes, s, bars, evict_first); };
   const int in_flight = ng >= late && stages > 1 ? 1 : stages;  // copies issued up front
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);

@@ -38,6 +38,9 @@ inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Bytes an element of a floating dtype (f32, f16, bf16) takes.
+inline int element_size(int dtype) { return dtype == FDM_F32 ? 4 : 2; }
+
 // Whether a pointer suits 16-byte vector loads/stores (and TMA).
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 

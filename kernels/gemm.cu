@@ -255,8 +255,6 @@ int run_config(const LinearProblem& p, int config, int sm_count, cudaStream_t st
 // (small per-batch row counts) run as one GEMM plus an elementwise pass.
 constexpr int64_t kMaxFusedGateLaunches = 8;
 
-int element_size(int dtype) { return dtype == FDM_F32 ? 4 : 2; }
-
 const void* offset(const void* p, int64_t elements, int dtype) {
   return p ? static_cast<const char*>(p) + elements * element_size(dtype) : nullptr;
 }

@@ -351,7 +351,6 @@ FDM_API int fdm_group_norm_nhwc(const void* x, const void* w, const void* b, voi
   // 12.2), [2, 32, 32, 1280] 12.2 / 13.1 (11.4 / 12.9); from [2, 32, 32, 1920] (7.9 MB) up the whole-tensor kernel
   // wins: 16.3 / 14.6 (15.4 / 14.2), [1, 64, 64, 1280] 22.0 / 17.5.
   constexpr int64_t kSmallNhwcBytes = int64_t{6} << 20;
-  const int elem = dtype == FDM_F32 ? 4 : 2;
   auto resident = [&] {
     return group_norm_try_sm90(
         kGnResident,
@@ -369,7 +368,7 @@ FDM_API int fdm_group_norm_nhwc(const void* x, const void* w, const void* b, voi
         "group rows of 64 bytes or more in 4-byte units, a group column of at most 1 MB split into whole 16-byte "
         "packs, every cluster resident at once, aligned x and y");
   };
-  const bool small = N * S * C * elem < kSmallNhwcBytes;
+  const bool small = N * S * C * element_size(dtype) < kSmallNhwcBytes;
   if (const int st = small ? cluster() : resident(); st != kGroupNormSm90Declined) return st;
   if (const int st = small ? resident() : cluster(); st != kGroupNormSm90Declined) return st;
   g_gn_last_path = kGnTwoPass;

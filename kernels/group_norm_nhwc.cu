@@ -349,7 +349,9 @@ FDM_API int fdm_group_norm_nhwc(const void* x, const void* w, const void* b, voi
   // every CTA's partials cost more there than the cluster kernel's narrower copies. bf16 + SiLU, cluster /
   // whole-tensor us, H100 (H200): [2, 16, 16, 1280] 7.8 / 10.5 (7.4 / 10.5), [1, 32, 32, 1280] 10.7 / 12.2 (10.1 /
   // 12.2), [2, 32, 32, 1280] 12.2 / 13.1 (11.4 / 12.9); from [2, 32, 32, 1920] (7.9 MB) up the whole-tensor kernel
-  // wins: 16.3 / 14.6 (15.4 / 14.2), [1, 64, 64, 1280] 22.0 / 17.5.
+  // wins: 16.3 / 14.6 (15.4 / 14.2), [1, 64, 64, 1280] 22.0 / 17.5. With the cluster kernel's inbox exchange
+  // (session 21, H100): [2, 32, 32, 1280] 11.4 / 13.3, [2, 32, 32, 1920] 15.7 / 14.6, [2, 32, 32, 2560] 20.2 / 16.5,
+  // [1, 64, 64, 1280] 21.0 / 17.3: the same choice.
   constexpr int64_t kSmallNhwcBytes = int64_t{6} << 20;
   auto resident = [&] {
     return group_norm_try_sm90(

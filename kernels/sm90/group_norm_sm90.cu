@@ -13,10 +13,11 @@
 // ~7 us). What it does not reach: every CTA needs its whole group's statistics before its first store, so a group's
 // reads all come before its writes, and a cluster waits for its slowest CTA's copies; the later half of the groups
 // pace their copies so that the earlier half's stores overlap their reads (group_norm_cluster_kernel). At
-// [2, 512, 128, 128] bf16 + SiLU it runs ~28.4 us on the H100 against a 25.8 us copy of the same bytes and ~37 us
+// [2, 512, 128, 128] bf16 + SiLU it runs ~27.8 us on the H100 against a 25.7 us copy of the same bytes and ~37 us
 // for the two-pass kernels; docs/kernel_notes.md, session 11, has the traces and the variants tried, session 18 two
-// designs that took groups in rounds and lost, session 20 the pacing. With fewer groups than a quarter of the SMs
-// the two-pass kernels win and take the call (launch_cluster).
+// designs that took groups in rounds and lost, session 20 the pacing, session 21 the inbox exchange of the cluster's
+// moments. With fewer groups than a quarter of the SMs the two-pass kernels mostly win and take the call
+// (launch_cluster).
 //
 // Channels-last: a group is a Cg-channel column of every pixel row, so each CTA copies rows in with 4-16 byte
 // cp.async units instead of bulk copies, and writes them back the same way. It pays only where those rows are wide
@@ -42,19 +43,56 @@ constexpr int kStageBytes = 16384;  // one bulk copy and one mbarrier each; stat
 constexpr int kMaxCluster = 16;     // non-portable above 8: granted where the GPU can co-schedule it
 constexpr int kRegPacks = 6;        // 16-byte packs a thread holds in registers: 24 KB of a CTA's piece
 
-// Shared memory: the piece's held part (rounded up to 16 bytes), then its stage barriers, the per-warp and per-CTA
-// moments, and each channel's (scale, shift).
+// Shared memory: the piece's held part (rounded up to 16 bytes), then its stage barriers, the per-warp moments, the
+// inbox of every cluster rank's moments with its barrier, and each channel's (scale, shift).
 struct GnoLayout {
-  uint32_t stages, bars, warp_moments, cta_moments, coef, bytes;
+  uint32_t stages, bars, warp_moments, inbox, inbox_bar, coef, bytes;
   __host__ __device__ GnoLayout(uint32_t held_bytes, int threads, int channels) {
     stages = (held_bytes + kStageBytes - 1) / kStageBytes;
     bars = (held_bytes + 15) / 16 * 16;
     warp_moments = bars + 8 * stages;
-    cta_moments = warp_moments + sizeof(Moments) * (threads / 32);
-    coef = (cta_moments + sizeof(Moments) + 7) / 8 * 8;
+    inbox = (warp_moments + sizeof(Moments) * (threads / 32) + 15) / 16 * 16;
+    inbox_bar = inbox + 16 * kMaxCluster;
+    coef = inbox_bar + 8;
     bytes = coef + 8 * channels;
   }
 };
+
+// The cluster's exchange of moments (group_coefficients): every CTA sends its moments into every CTA's inbox with
+// st.async, which completes bytes on the receiver's inbox barrier. Set up by thread 0 at kernel start, before the
+// cluster barrier arrival (cluster_arrive_relaxed) that every thread makes there and waits on before sending:
+// the barrier expects one 16-byte entry from each of `ranks` CTAs.
+__device__ __forceinline__ void inbox_init(uint64_t* bar, uint32_t ranks) {
+  mbar_init(bar, 1);
+  mbar_expect_tx(bar, 16 * ranks);
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+// The address of this CTA's shared variable p in cluster rank `rank`'s shared memory.
+__device__ __forceinline__ uint32_t peer_addr(const void* p, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(smem_addr(p)), "r"(rank));
+  return out;
+}
+// 16 bytes into a peer CTA's shared memory at `remote`, counted on its mbarrier at `remote_bar`.
+__device__ __forceinline__ void st_async_f4(uint32_t remote, float4 v, uint32_t remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(
+                   remote),
+               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(remote_bar)
+               : "memory");
+}
+// Waits for phase `parity` of a barrier completed by other CTAs' st.async (acquire at cluster scope).
+__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n\t.reg .pred done;\n"
+      "WAITC:\n\t"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n\t"
+      "@!done bra WAITC;\n}" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
 
 // y = act(x * a + c) of one pack.
 template <typename T, int V, bool kSilu>
@@ -100,21 +138,31 @@ __device__ __forceinline__ void preload_affine(float2* coef, const T* w, const T
 }
 
 // The group's statistics from each thread's moments of its values: merged over the CTA (per-warp results in
-// warp_m), then over the cluster through distributed shared memory (each CTA's result in cta_m), and each of the
-// group's Cg channels' (scale, shift) written to coef over the (weight, bias) preload_affine put there, channel
-// ch0 + c at coef[c]. Every thread of every CTA calls; on return coef is complete and this CTA has arrived at the
-// cluster barrier its exit must wait on.
-__device__ __forceinline__ void group_coefficients(Moments acc, Moments* warp_m, Moments* cta_m, float2* coef, int Cg,
-                                                   float count, float eps) {
+// warp_m), then over the cluster by sending the CTA's result into every CTA's inbox (inbox_init; rank r's at
+// inbox[r]), and each of the group's Cg channels' (scale, shift) written to coef over the (weight, bias)
+// preload_affine put there, channel ch0 + c at coef[c]. Every thread of every CTA calls, having arrived at the
+// cluster barrier at kernel start; on return coef is complete and this CTA has arrived at the cluster barrier its
+// exit must wait on. The inbox replaced a cluster.sync() and reads of each rank's result through distributed shared
+// memory: that barrier's release waited for this SM's outstanding global stores (other groups' y) before any CTA
+// could read a peer's moments.
+__device__ __forceinline__ void group_coefficients(Moments acc, Moments* warp_m, float4* inbox, uint64_t* inbox_bar,
+                                                   float2* coef, int Cg, float count, float eps) {
   cg::cluster_group cluster = cg::this_cluster();
   const Moments block = block_merge(acc, warp_m);
-  if (threadIdx.x == 0) *cta_m = block;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  cluster.sync();  // every CTA's moments are written (release / acquire across the cluster)
+  const uint32_t ranks = cluster.num_blocks();
+  cluster_wait();  // every CTA's inbox barrier is set up
+  if (threadIdx.x < ranks)
+    st_async_f4(peer_addr(&inbox[cluster.block_rank()], threadIdx.x), make_float4(block.n, block.mean, block.m2, 0.f),
+                peer_addr(inbox_bar, threadIdx.x));
   if (warp == 0) {
     // Every CTA merges the same values in the same lane order, so all of them get the same bits.
+    mbar_wait_cluster(inbox_bar, 0);
     Moments m{0.f, 0.f, 0.f};
-    if (lane < static_cast<int>(cluster.num_blocks())) m = *cluster.map_shared_rank(cta_m, lane);
+    if (lane < static_cast<int>(ranks)) {
+      const float4 v = inbox[lane];
+      m = Moments{v.x, v.y, v.z};
+    }
     m = group_merge(m, 32);
     const float rstd = rsqrtf(m.m2 / count + eps);
     for (int c = lane; c < Cg; c += 32) {
@@ -123,7 +171,7 @@ __device__ __forceinline__ void group_coefficients(Moments acc, Moments* warp_m,
       coef[c] = make_float2(a, wb.y - m.mean * a);
     }
   }
-  cluster.barrier_arrive();  // done reading the other CTAs' shared memory: they may exit once all have arrived
+  cluster_arrive_relaxed();  // the exit barrier (every CTA's inbox is complete once its warp 0 passed the wait)
   __syncthreads();           // coef is written
 }
 
@@ -157,7 +205,8 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   const int stages = static_cast<int>((bytes + kStageBytes - 1) / kStageBytes);
   auto* bars = reinterpret_cast<uint64_t*>(smem + lay.bars);
   auto* warp_m = reinterpret_cast<Moments*>(smem + lay.warp_moments);
-  auto* cta_m = reinterpret_cast<Moments*>(smem + lay.cta_moments);
+  auto* inbox = reinterpret_cast<float4*>(smem + lay.inbox);
+  auto* inbox_bar = reinterpret_cast<uint64_t*>(smem + lay.inbox_bar);
   auto* coef = reinterpret_cast<float2*>(smem + lay.coef);
   const auto* packs = reinterpret_cast<const Pack<T, V>*>(smem);
 
@@ -167,10 +216,12 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   const int in_flight = ng >= late && stages > 1 ? 1 : stages;  // copies issued up front
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);
+    inbox_init(inbox_bar, cluster.num_blocks());
     fence_barrier_init();
     for (int s = 0; s < in_flight; ++s) issue(s);
   }
   __syncthreads();  // the barriers are initialized before anyone waits on them
+  cluster_arrive_relaxed();  // waited on in group_coefficients, before the inbox is written
   preload_affine(coef, w, b, static_cast<int>(ng % G) * Cg, Cg);
 
   // The register part: pack tid + k * kGnoThreads of it for this thread, loaded once the shared memory part has
@@ -189,7 +240,7 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
   });
   load_regs();
   packs_moments<T, V, kRegPacks, kGnoThreads>(regs, threadIdx.x, nvec_regs, acc);
-  group_coefficients(acc, warp_m, cta_m, coef, Cg, static_cast<float>(L), eps);
+  group_coefficients(acc, warp_m, inbox, inbox_bar, coef, Cg, static_cast<float>(L), eps);
 
   // The register part first (its stores go out while the shared memory part is read). V divides HW, so a pack
   // never straddles two channels.
@@ -214,7 +265,7 @@ group_norm_cluster_kernel(const T* __restrict__ x, const T* __restrict__ w, cons
     r += step_r;
     if (r >= HW) r -= HW, ++ch;
   }
-  cluster.barrier_wait();
+  cluster_wait();
 }
 
 // U bytes global -> shared by this thread (U = 16: L2 only; 4 or 8: the only sizes cp.async has besides 16).
@@ -272,7 +323,8 @@ group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
   const int stages = static_cast<int>((bytes + kStageBytes - 1) / kStageBytes);
   auto* bars = reinterpret_cast<uint64_t*>(smem + lay.bars);
   auto* warp_m = reinterpret_cast<Moments*>(smem + lay.warp_moments);
-  auto* cta_m = reinterpret_cast<Moments*>(smem + lay.cta_moments);
+  auto* inbox = reinterpret_cast<float4*>(smem + lay.inbox);
+  auto* inbox_bar = reinterpret_cast<uint64_t*>(smem + lay.inbox_bar);
   auto* coef = reinterpret_cast<float2*>(smem + lay.coef);
   auto* packs = reinterpret_cast<Pack<T, V>*>(smem);
   auto* unit_buf = reinterpret_cast<Unit*>(smem);
@@ -282,9 +334,11 @@ group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) mbar_init(&bars[s], kGnoThreads);
+    inbox_init(inbox_bar, cluster.num_blocks());
     fence_barrier_init();
   }
   __syncthreads();  // the barriers are initialized before anyone arrives on them
+  cluster_arrive_relaxed();  // waited on in group_coefficients, before the inbox is written
   {
     UnitWalk at(row_units);
     for (int s = 0; s < stages; ++s) {
@@ -301,7 +355,7 @@ group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
 
   Moments acc{0.f, 0.f, 0.f};
   staged_moments<T, V>(packs, bars, stages, nvec, acc, [](int) {});
-  group_coefficients(acc, warp_m, cta_m, coef, Cg, static_cast<float>(S) * static_cast<float>(Cg), eps);
+  group_coefficients(acc, warp_m, inbox, inbox_bar, coef, Cg, static_cast<float>(S) * static_cast<float>(Cg), eps);
 
   // Normalize in place: element i of the packed piece is channel i % Cg; this thread's packs step by kStride.
   constexpr uint32_t kStride = kGnoThreads * V;
@@ -332,7 +386,7 @@ group_norm_cluster_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
     else
       *dst = unit_buf[j];
   }
-  cluster.barrier_wait();
+  cluster_wait();
 }
 
 // CTAs a group for a group of `group_bytes`: pieces of at most 76 KB (52 KB of shared memory, so four CTAs an SM,
@@ -372,10 +426,12 @@ int launch_cluster(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t 
   const int64_t L = int64_t{Cg} * HW, ranks = group_ranks(L * static_cast<int64_t>(sizeof(T)));
   if (ranks == 0) return kGroupNormSm90Declined;
   // With fewer clusters (groups) than a quarter of the SMs the two-pass kernels, which spread any tensor over every
-  // SM, were faster. H100, bf16 + SiLU, us here / two-pass: 32 groups: [1, 320, 64, 64] 8.6 / 7.5, [1, 640, 32, 32]
-  // 8.2 / 6.6, [1, 512, 64, 64] 11.0 / 8.1, [1, 256, 128, 128] 14.1 / 12.0, [1, 512, 128, 128] 18.4 / 18.1; 64
-  // groups: [2, 320, 64, 64] 9.6 / 10.6, [2, 1280, 32, 32] 9.8 / 10.6, [2, 512, 64, 64] 12.0 / 12.0, [2, 512, 128,
-  // 128] 31.3 / 36.9. (Not applied when a test forces this kernel.)
+  // SM, were faster. H100, bf16 + SiLU, us here / two-pass (session 18): 32 groups: [1, 320, 64, 64] 8.6 / 7.5,
+  // [1, 640, 32, 32] 8.2 / 6.6, [1, 512, 64, 64] 11.0 / 8.1, [1, 256, 128, 128] 14.1 / 12.0, [1, 512, 128, 128]
+  // 18.4 / 18.1; 64 groups: [2, 320, 64, 64] 9.6 / 10.6, [2, 1280, 32, 32] 9.8 / 10.6, [2, 512, 64, 64] 12.0 /
+  // 12.0, [2, 512, 128, 128] 31.3 / 36.9. After the inbox exchange (session 21) the 32-group shapes read 7.5 / 7.5,
+  // 7.2 / 6.6, 9.5 / 8.2, 12.5 / 11.9 and 17.1 / 17.9, [1, 1280, 32, 32] 7.5 / 7.6: still mostly the two-pass
+  // kernels', so the rule stays. (Not applied when a test forces this kernel.)
   DeviceFacts dev;
   if (const int e = current_device_facts(&dev)) return e;
   if (g_gn_force_path != kGnOnePass && 4 * N * G < dev.sm_count) return kGroupNormSm90Declined;

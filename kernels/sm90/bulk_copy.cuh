@@ -46,14 +46,20 @@ __device__ __forceinline__ void bulk_load_stage(unsigned char* dst, const unsign
   mbar_expect_tx(&bars[s], sz);
   bulk_load(dst + off, src + off, sz, &bars[s], policy);
 }
+// Spins until phase `parity` of bar completes; SEM: the wait's memory semantics ("" for the default acquire at CTA
+// scope).
+#define FDM_MBAR_WAIT_LOOP(SEM)                                                                  \
+  "{\n\t.reg .pred done;\n"                                                                     \
+  "WAIT:\n\t"                                                                                   \
+  "mbarrier.try_wait.parity" SEM ".shared::cta.b64 done, [%0], %1;\n\t"                         \
+  "@!done bra WAIT;\n}"
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n\t.reg .pred done;\n"
-      "WAIT:\n\t"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
-      "@!done bra WAIT;\n}" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
+  asm volatile(FDM_MBAR_WAIT_LOOP("") ::"r"(smem_addr(bar)), "r"(parity) : "memory");
 }
+// The same for a barrier that other CTAs of the cluster complete (st.async): acquire at cluster scope.
+__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
+  asm volatile(FDM_MBAR_WAIT_LOOP(".acquire.cluster") ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+#undef FDM_MBAR_WAIT_LOOP
 
 }  // namespace fdm

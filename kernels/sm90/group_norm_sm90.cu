@@ -83,16 +83,6 @@ __device__ __forceinline__ void st_async_f4(uint32_t remote, float4 v, uint32_t 
                "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(remote_bar)
                : "memory");
 }
-// Waits for phase `parity` of a barrier completed by other CTAs' st.async (acquire at cluster scope).
-__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n\t.reg .pred done;\n"
-      "WAITC:\n\t"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n\t"
-      "@!done bra WAITC;\n}" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
 
 // y = act(x * a + c) of one pack.
 template <typename T, int V, bool kSilu>

@@ -181,12 +181,46 @@ def bench_fused(ceil):
         lambda: ops.group_norm(ol()[0], 32, wf, bf, eps=1e-6, activation="silu", channels_last=True),
         2 * numel * 2, "GB/s", ceil["copy_GBps"], copy_ms=same_size_copy_ms(2 * numel * 2))
 
+    bench_add_group_norm(ceil, wgt, bias)
+
     rw = bf16(128)
     rwf = fd(rw)
     tr, orr = rotating(lambda: (bf16(b, s, 24, 128),), b * s * 24 * 128 * 2)
     row("rms_norm heads [1,4608,24,128]", lambda: F.rms_norm(tr()[0], (128,), rw, eps=1e-6),
         lambda: ops.rms_norm(orr()[0], rwf, eps=1e-6), 2 * b * s * 24 * 128 * 2, "GB/s", ceil["copy_GBps"],
         copy_ms=same_size_copy_ms(2 * b * s * 24 * 128 * 2))
+
+
+def bench_add_group_norm(ceil, wgt, bias):
+    """The add that writes a GroupNorm's input, then the GroupNorm + SiLU, as the SDXL UNet and VAE run them: the
+    residual add of a resnet or attention block (b of a's shape) and the UNet's time-embedding add (b one row a
+    sample). fastdm takes the statistics in the add (ops.add_group_stats), so the GroupNorm reads its input once;
+    torch runs the same two steps. Bytes: the add's reads and write, then the GroupNorm's read and write."""
+    shape, numel = (2, 128, 128, 512), 2 * 128 * 128 * 512
+    wf, bf = fd(wgt), fd(bias)
+
+    def bf16(*dims):
+        return torch.randn(*dims, dtype=torch.bfloat16, device="cuda")
+
+    def torch_pair(a, b):
+        s = a + b
+        return s, F.silu(F.group_norm(s.permute(0, 3, 1, 2), 32, wgt, bias, eps=1e-6))
+
+    def ours_pair(a, b):
+        s, stats = ops.add_group_stats(a, b, 32)
+        return s, ops.group_norm(s, 32, wf, bf, eps=1e-6, activation="silu", channels_last=True, stats=stats)
+
+    def ours_unfused(a, b):  # for the record: the add, then GroupNorm with its own statistics
+        s = ops.add(a, b)
+        return s, ops.group_norm(s, 32, wf, bf, eps=1e-6, activation="silu", channels_last=True)
+
+    for what, b_shape, moved in (("residual", shape, 5 * numel * 2), ("time-embedding", (2, 1, 1, 512), 4 * numel * 2)):
+        ta, oa = rotating(lambda b_shape=b_shape: (bf16(*shape), bf16(*b_shape)), numel * 2)
+        copy = same_size_copy_ms(moved)
+        row(f"{what} add + group_norm+silu channels-last [2,128,128,512]", lambda ta=ta: torch_pair(*ta()),
+            lambda oa=oa: ours_pair(*oa()), moved, "GB/s", ceil["copy_GBps"], copy_ms=copy)
+        row(f"{what} add, then group_norm+silu (no statistics from the add)", lambda ta=ta: torch_pair(*ta()),
+            lambda oa=oa: ours_unfused(*oa()), moved, "GB/s", ceil["copy_GBps"], copy_ms=copy)
 
 
 def main():

@@ -58,6 +58,11 @@ SIGNATURES: dict[str, list] = {
     # group_norm_nhwc.cu. x, y [N, S, C] channels-last; ws f32 of ws_elems >= N*G*chunks*2 + 3*N*C
     # (x, w|None, b|None, y, ws, ws_elems, chunks, N, S, C, G, eps, silu, dtype, stream)
     "fdm_group_norm_nhwc": [P, P, P, P, P, I64, I, I64, I64, I64, I, F, I, I, P],
+    # the same arguments, the statistics already in ws (left there by fdm_add_group_stats_nhwc)
+    "fdm_group_norm_nhwc_apply": [P, P, P, P, P, I64, I, I64, I64, I64, I, F, I, I, P],
+    # out = a + alpha * b and its group statistics into ws; b [N, S, C] or [N, C] (b_per_sample)
+    # (a, b, b_per_sample, alpha, out, ws, ws_elems, chunks, N, S, C, G, dtype, stream)
+    "fdm_add_group_stats_nhwc": [P, P, I, F, P, P, I64, I, I64, I64, I64, I, I, P],
     # rope.cu. (x, y, cos, sin, B, S, H, D, xs_b, xs_s, xs_h, ys_b, ys_s, ys_h, interleaved, dtype, stream)
     "fdm_rope": [P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, I, P],
     # (qkv, q_w|None, k_w|None, cos, sin, out, B, S, H, D, xs_b, xs_s, xs_t, xs_h, ys_b, ys_s, ys_t, ys_h, eps,

@@ -32,6 +32,12 @@
 // `chunks` is the most row chunks per sample the caller allows (the workspace is sized for it). The kernel runs
 // min(chunks, one full wave of resident stats blocks / N) of rpc = ceil(S / that) rows, ceil(S / rpc) in all
 // (so none is empty).
+//
+// Statistics from the producer (fdm_add_group_stats_nhwc, then fdm_group_norm_nhwc_apply): the stats kernel also
+// runs as the kernel that writes x, out = a + alpha * b (AddInto below), so the moments are taken on the way and
+// GroupNorm itself is the finalize and apply kernels only: one read of x and one write of y with no dependency
+// between them. The producer runs exactly `chunks` chunks (ceil(S / ceil(S / chunks))), which the apply entry,
+// given the same number, finds again.
 #include <type_traits>
 
 #include "gemm.cuh"  // current_device_facts
@@ -81,12 +87,79 @@ size_t stats_smem_bytes(const RowShape& s, int V, int64_t C) {
   return (static_cast<size_t>(s.R) * s.ct * V + static_cast<size_t>(C)) * sizeof(float2) + s.R * sizeof(float);
 }
 
-// 3 blocks of 256 threads per SM at least (<= 85 registers; at 64 the bf16 kernel spills on sm_90a):
-// 3 x 256 x kTile x 16 B = 48 KB of loads in flight per SM, more than the ~30 KB a SM needs to keep HBM3 busy.
+// Where the statistics kernel's values come from. Offsets are elements of the [N, S, C] tensor; n is the sample and
+// c the channel of the pack's first element. A tile is read in two steps: `fetch` issues a row's loads (Raw), and
+// only once every row of the tile has been fetched does `take` turn each, in place, into its values, which
+// `values(raw)` then are (a producer computes and stores them there: a store between two rows' loads would keep the
+// compiler from issuing the next row's loads before it, since out may alias a or b as far as it knows). `peek` (a
+// pack) and `value` (one element) read values again for the references and store nothing.
+// ReadX: x itself, GroupNorm's own statistics pass. Plain loads: the apply pass re-reads x, which for the 10-40 MB
+// UNet tensors is still in the 50 MB L2.
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads, 3)
-gn_nhwc_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int64_t S, int64_t C, int G, int64_t rpc,
-                     int chunks, RowShape sh) {
+struct ReadX {
+  static constexpr int kMinBlocks = 3;  // the kernel's __launch_bounds__ minimum of resident blocks (see below)
+  const T* x;
+  using Raw = Pack<T, V>;
+  __device__ __forceinline__ Raw fetch(int64_t off, int64_t, int64_t) const { return load_pack<T, V>(x + off); }
+  __device__ __forceinline__ void take(Raw&, int64_t) const {}
+  static __device__ __forceinline__ const Pack<T, V>& values(const Raw& r) { return r; }
+  __device__ __forceinline__ Pack<T, V> peek(int64_t off, int64_t, int64_t) const { return load_pack<T, V>(x + off); }
+  __device__ __forceinline__ float value(int64_t off, int64_t, int64_t) const { return to_f32(x[off]); }
+};
+
+// AddInto: out = a + alpha * b, written here, its statistics taken on the way (fdm_add_group_stats_nhwc). b is
+// [N, S, C] like a, or one row of C a sample ([N, C], b_per_sample). Rounded to T exactly as fdm_binary's add
+// rounds it, so the statistics describe the stored values and out matches ops.add bit for bit. a and a full b are
+// read once (evict-first); out keeps the default policy, GroupNorm's apply pass reads it next.
+template <typename T, int V>
+struct AddInto {
+  // Two packs loaded for each one kept: at 3 blocks an SM (<= 85 registers) 4-row tiles spill (232 bytes, bf16).
+  // Three blocks of 2-row tiles (80 registers) ran the bench shape's add 46.2 us against 40.7 for these two blocks of
+  // 4-row tiles (110 registers; plain ops.add: 34.7), H100.
+  static constexpr int kMinBlocks = 2;
+  const T* a;
+  const T* b;
+  T* out;
+  float alpha;
+  bool b_per_sample;
+  int64_t C;
+
+  __device__ __forceinline__ int64_t b_off(int64_t off, int64_t n, int64_t c) const {
+    return b_per_sample ? n * C + c : off;
+  }
+  __device__ __forceinline__ Pack<T, V> sum(const Pack<T, V>& pa, const Pack<T, V>& pb) const {
+    Pack<T, V> o;
+#pragma unroll
+    for (int e = 0; e < V; ++e) o.v[e] = from_f32<T>(to_f32(pa.v[e]) + alpha * to_f32(pb.v[e]));
+    return o;
+  }
+  struct Raw {
+    Pack<T, V> a, b;
+  };
+  __device__ __forceinline__ Raw fetch(int64_t off, int64_t n, int64_t c) const {
+    return {load_pack_cs<T, V>(a + off),
+            b_per_sample ? load_pack<T, V>(b + b_off(off, n, c)) : load_pack_cs<T, V>(b + off)};
+  }
+  __device__ __forceinline__ void take(Raw& r, int64_t off) const {  // r.a becomes the sum
+    r.a = sum(r.a, r.b);
+    store_pack<T, V>(out + off, r.a);
+  }
+  static __device__ __forceinline__ const Pack<T, V>& values(const Raw& r) { return r.a; }
+  __device__ __forceinline__ Pack<T, V> peek(int64_t off, int64_t n, int64_t c) const {
+    return sum(load_pack<T, V>(a + off), load_pack<T, V>(b + b_off(off, n, c)));
+  }
+  __device__ __forceinline__ float value(int64_t off, int64_t n, int64_t c) const {
+    return to_f32(from_f32<T>(to_f32(a[off]) + alpha * to_f32(b[b_off(off, n, c)])));
+  }
+};
+
+// Source::kMinBlocks blocks of 256 threads per SM at least. ReadX: 3 (<= 85 registers; at 64 the bf16 kernel spills
+// on sm_90a): 3 x 256 x kTile x 16 B = 48 KB of loads in flight per SM, more than the ~30 KB a SM needs to keep HBM3
+// busy. AddInto: 2, with two loads a pack (64 KB in flight).
+template <typename T, int V, typename Source>
+__global__ void __launch_bounds__(kThreads, Source::kMinBlocks)
+gn_nhwc_stats_kernel(Source src, float* __restrict__ stats, int64_t S, int64_t C, int G, int64_t rpc, int chunks,
+                     RowShape sh) {
   wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
   allow_dependent_grids();
   extern __shared__ float2 smem[];
@@ -99,7 +172,7 @@ gn_nhwc_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int64_t
   const bool lane_ok = rl < sh.R;
   const int64_t my_rows = lane_ok ? lane_rows(nr, rl, sh.R) : 0;
   if (lane_ok && ci == 0) cnt[rl] = static_cast<float>(my_rows);
-  const T* x0 = x + n * S * C;                           // row 0 of the sample: the references
+  const int64_t x0 = n * S * C;                          // row 0 of the sample: the references
   const int64_t step = static_cast<int64_t>(sh.R) * C;  // elements between a thread's consecutive rows
   const int slab_ch = sh.ct * V;                        // channels per slab
   const int cg = static_cast<int>(C / G);               // channels per group (C < 2^24)
@@ -110,31 +183,40 @@ gn_nhwc_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int64_t
 #pragma unroll
     for (int e = 0; e < V; ++e) mean[e] = m2[e] = 0.f;
     if (lane_ok && col < sh.cols) {
-      const Pack<T, V> ref = load_pack<T, V>(x0 + col * V);
-      const T* xp = x0 + (r0 + rl) * C + col * V;
+      const int64_t c0 = int64_t{col} * V;
+      const Pack<T, V> rp = src.peek(x0 + c0, n, c0);
+      float ref[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) ref[e] = to_f32(rp.v[e]);
+      int64_t xp = x0 + (r0 + rl) * C + c0;
       for (int64_t left = my_rows; left > 0; left -= kTile, xp += kTile * step) {
         const int nb = left < kTile ? static_cast<int>(left) : kTile;
-        Pack<T, V> p[kTile];
+        // Every row's loads issued before any is used: the tail's missing rows (k >= nb) read row nb - 1 again
+        // instead of branching around a load (a branch per row let the compiler use each row's data, and so wait
+        // for it, before issuing the next row's loads).
+        typename Source::Raw raw[kTile];
+#pragma unroll
+        for (int k = 0; k < kTile; ++k) raw[k] = src.fetch(xp + (k < nb ? k : nb - 1) * step, n, c0);
 #pragma unroll
         for (int k = 0; k < kTile; ++k)
-          if (k < nb) p[k] = load_pack<T, V>(xp + k * step);  // apply re-reads x: keep it in L2
+          if (k < nb) src.take(raw[k], xp + k * step);
         const float nbf = static_cast<float>(nb), inv_nb = __fdividef(1.f, nbf);
         // Exact two-pass moments of the tile's nb values per channel, merged into the running ones. The counts
         // are the same for all V channels, so the merge weights are computed once.
         const float tot = an + nbf, fb = __fdividef(nbf, tot), coef = an * fb;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const float k0 = to_f32(ref.v[e]);
+          const float k0 = ref[e];
           float s = 0.f;
 #pragma unroll
           for (int k = 0; k < kTile; ++k)
-            if (k < nb) s += to_f32(p[k].v[e]) - k0;
+            if (k < nb) s += to_f32(Source::values(raw[k]).v[e]) - k0;
           const float tm = s * inv_nb;
           float q = 0.f;
 #pragma unroll
           for (int k = 0; k < kTile; ++k)
             if (k < nb) {
-              const float c = (to_f32(p[k].v[e]) - k0) - tm;
+              const float c = (to_f32(Source::values(raw[k]).v[e]) - k0) - tm;
               q = fmaf(c, c, q);
             }
           const float d = tm - mean[e];
@@ -160,7 +242,8 @@ gn_nhwc_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int64_t
         const float2 v = red[r * slab_ch + c];
         m = merge(m, Moments{cnt[r], v.x, v.y});
       }
-      chan[ch] = make_float2(m.mean + (to_f32(x0[ch]) - to_f32(x0[ch - ch % cg])), m.m2);
+      const int first = ch - ch % cg;  // the group's first channel
+      chan[ch] = make_float2(m.mean + (src.value(x0 + ch, n, ch) - src.value(x0 + first, n, first)), m.m2);
     }
     __syncthreads();  // red is rewritten by the next slab; chan is read below
   }
@@ -272,48 +355,116 @@ gn_nhwc_apply_kernel(const T* __restrict__ x, const float* __restrict__ a, const
   }
 }
 
+// The statistics kernel for `Source`, made ready for `smem` bytes of dynamic shared memory.
+template <typename T, int V, typename Source>
+int prepare_stats_kernel(size_t smem, int64_t C, const DeviceFacts& facts, const char* entry) {
+  if (smem <= 48 * 1024) return 0;
+  // Wide rows (C above ~4000): needs the opt-in shared memory size.
+  if (smem > static_cast<size_t>(facts.smem_optin))
+    return arg_error("%s: %lld channels need %zu bytes of shared memory, the GPU allows %d", entry, (long long)C, smem,
+                     facts.smem_optin);
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev)) return static_cast<int>(e);
+  return static_cast<int>(allow_smem_optin<gn_nhwc_stats_kernel<T, V, Source>>(dev, facts.smem_optin, false));
+}
+
+// Rows a chunk when a sample's S rows are cut into at most `chunks` chunks, and how many chunks that makes (none
+// empty). The producer entry and the apply entry both derive their partition from the caller's `chunks` with it.
+struct ChunkPlan {
+  int64_t rpc;
+  int count;
+};
+
+ChunkPlan chunk_plan(int64_t S, int64_t chunks) {
+  const int64_t rpc = ceil_div(S, chunks);
+  return {rpc, static_cast<int>(ceil_div(S, rpc))};
+}
+
+// finalize + apply over statistics [N, G, plan.count, 2] already in the workspace (the stats kernel's, or a
+// producer's). ws: the workspace laid out for `chunks` (see the top). The apply pass walks the same row chunks (one
+// block a chunk and slab): a full wave of smaller apply blocks measured 1-4 us slower at the VAE's sizes.
+template <typename T, int V>
+void launch_finalize_apply(const void* x, const void* w, const void* bias, void* y, float* ws, int chunks,
+                           ChunkPlan plan, int64_t N, int64_t S, int64_t C, int G, float eps, bool silu_act,
+                           cudaStream_t stream) {
+  const RowShape sh = row_shape(C, G, V);
+  const float* stats = ws;
+  float* a = ws + N * G * static_cast<int64_t>(chunks) * 2;
+  float* b = a + N * C;
+  float* k = b + N * C;
+  const T* xt = static_cast<const T*>(x);
+  T* yt = static_cast<T*>(y);
+  launch_dependent(gn_nhwc_finalize_kernel<T>, dim3(static_cast<unsigned>(G), static_cast<unsigned>(N)), 256, 0, stream,
+      xt, stats, static_cast<const T*>(w), static_cast<const T*>(bias), a, b, k, S, C, G, plan.rpc, plan.count, eps);
+  const dim3 grid(sh.nslab, plan.count, static_cast<unsigned>(N));
+  if (silu_act)
+    launch_dependent(gn_nhwc_apply_kernel<T, V, true>, grid, sh.threads, 0, stream, xt, a, b, k, yt, S, C, plan.rpc,
+                     sh);
+  else
+    launch_dependent(gn_nhwc_apply_kernel<T, V, false>, grid, sh.threads, 0, stream, xt, a, b, k, yt, S, C, plan.rpc,
+                     sh);
+}
+
 template <typename T, int V>
 int launch_gn_nhwc(const void* x, const void* w, const void* bias, void* y, float* ws, int chunks, int64_t N,
                    int64_t S, int64_t C, int G, float eps, bool silu_act, cudaStream_t stream) {
+  using Src = ReadX<T, V>;
   const RowShape sh = row_shape(C, G, V);
   const size_t smem = stats_smem_bytes(sh, V, C);
   DeviceFacts facts;
   if (const int e = current_device_facts(&facts)) return e;
-  if (smem > 48 * 1024) {  // wide rows (C above ~4000): needs the opt-in shared memory size
-    if (smem > static_cast<size_t>(facts.smem_optin))
-      return arg_error("fdm_group_norm_nhwc: %lld channels need %zu bytes of shared memory, the GPU allows %d",
-                       (long long)C, smem, facts.smem_optin);
-    int dev = 0;
-    if (cudaError_t e = cudaGetDevice(&dev)) return static_cast<int>(e);
-    if (cudaError_t e = allow_smem_optin<gn_nhwc_stats_kernel<T, V>>(dev, facts.smem_optin, false))
-      return static_cast<int>(e);
-  }
+  if (const int e = prepare_stats_kernel<T, V, Src>(smem, C, facts, "fdm_group_norm_nhwc")) return e;
   // Chunks: one full wave of resident statistics blocks over the batch (every block the same size, so all SMs
   // finish together and there is a single reduction epilogue per block slot), at most the caller's `chunks`.
   int occ = 0;
-  if (cudaError_t e = resident_blocks<gn_nhwc_stats_kernel<T, V>>(sh.threads, smem, &occ)) return static_cast<int>(e);
+  if (cudaError_t e = resident_blocks<gn_nhwc_stats_kernel<T, V, Src>>(sh.threads, smem, &occ))
+    return static_cast<int>(e);
   const int64_t wave = int64_t{occ > 1 ? occ : 1} * facts.sm_count / N;
-  const int64_t want = wave < 1 ? 1 : (wave < chunks ? wave : chunks);
-  const int64_t rpc = ceil_div(S, want);
-  const int eff = static_cast<int>(ceil_div(S, rpc));  // chunks launched, all non-empty, <= want <= chunks
-  float* stats = ws;
-  float* a = ws + N * G * static_cast<int64_t>(chunks) * 2;
-  float* b = a + N * C;
-  float* k = b + N * C;
-
-  const T* xt = static_cast<const T*>(x);
-  T* yt = static_cast<T*>(y);
+  const ChunkPlan plan = chunk_plan(S, wave < 1 ? 1 : (wave < chunks ? wave : chunks));  // count <= chunks
   // The stats region is indexed with the launched chunk count (<= the requested one the workspace was sized for).
-  launch_dependent(gn_nhwc_stats_kernel<T, V>, dim3(eff, static_cast<unsigned>(N)), sh.threads, smem, stream,
-      xt, stats, S, C, G, rpc, eff, sh);
-  launch_dependent(gn_nhwc_finalize_kernel<T>, dim3(static_cast<unsigned>(G), static_cast<unsigned>(N)), 256, 0, stream,
-      xt, stats, static_cast<const T*>(w), static_cast<const T*>(bias), a, b, k, S, C, G, rpc, eff, eps);
-  const dim3 grid(sh.nslab, eff, static_cast<unsigned>(N));
-  if (silu_act)
-    launch_dependent(gn_nhwc_apply_kernel<T, V, true>, grid, sh.threads, 0, stream, xt, a, b, k, yt, S, C, rpc, sh);
-  else
-    launch_dependent(gn_nhwc_apply_kernel<T, V, false>, grid, sh.threads, 0, stream, xt, a, b, k, yt, S, C, rpc, sh);
+  launch_dependent(gn_nhwc_stats_kernel<T, V, Src>, dim3(plan.count, static_cast<unsigned>(N)), sh.threads, smem,
+                   stream, Src{static_cast<const T*>(x)}, ws, S, C, G, plan.rpc, plan.count, sh);
+  launch_finalize_apply<T, V>(x, w, bias, y, ws, chunks, plan, N, S, C, G, eps, silu_act, stream);
   return launch_status();
+}
+
+// out = a + alpha * b with the statistics of out, for fdm_group_norm_nhwc_apply: exactly `chunks` chunks a sample
+// (chunk_plan), so that the apply entry, given the same number, finds them.
+template <typename T, int V>
+int launch_add_group_stats(const void* a, const void* b, bool b_per_sample, float alpha, void* out, float* ws,
+                           int chunks, int64_t N, int64_t S, int64_t C, int G, cudaStream_t stream) {
+  using Src = AddInto<T, V>;
+  const RowShape sh = row_shape(C, G, V);
+  const size_t smem = stats_smem_bytes(sh, V, C);
+  DeviceFacts facts;
+  if (const int e = current_device_facts(&facts)) return e;
+  if (const int e = prepare_stats_kernel<T, V, Src>(smem, C, facts, "fdm_add_group_stats_nhwc")) return e;
+  const ChunkPlan plan = chunk_plan(S, chunks);
+  const Src src{static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), alpha, b_per_sample, C};
+  launch_dependent(gn_nhwc_stats_kernel<T, V, Src>, dim3(plan.count, static_cast<unsigned>(N)), sh.threads, smem,
+                   stream, src, ws, S, C, G, plan.rpc, plan.count, sh);
+  return launch_status();
+}
+
+// The size checks the channels-last entries share (before their empty-tensor return); 0 when the sizes are fine.
+int check_nhwc_sizes(const char* entry, int64_t N, int64_t S, int64_t C, int G, int chunks) {
+  if (N < 0 || S < 0 || C < 0)
+    return arg_error("%s: negative size (N=%lld, S=%lld, C=%lld)", entry, (long long)N, (long long)S, (long long)C);
+  if (G < 1 || C % G != 0) return arg_error("%s: %lld channels do not split into %d groups", entry, (long long)C, G);
+  if (chunks < 1 || chunks > 65535) return arg_error("%s: chunks %d not in [1, 65535]", entry, chunks);
+  if (N > 65535) return arg_error("%s: batch %lld exceeds 65535", entry, (long long)N);
+  return 0;
+}
+
+// ... and the ones after it: the channel bound and the workspace size.
+int check_nhwc_workspace(const char* entry, int64_t N, int64_t C, int G, int chunks, int64_t ws_elems) {
+  // Bounds every product below (N*G*chunks*2 < 2^57) and the int column counts.
+  if (C > (int64_t{1} << 24)) return arg_error("%s: %lld channels is too many", entry, (long long)C);
+  const int64_t need = N * G * static_cast<int64_t>(chunks) * 2 + 3 * N * C;
+  if (ws_elems < need)
+    return arg_error("%s: workspace of %lld floats is smaller than N*G*chunks*2 + 3*N*C = %lld", entry,
+                     (long long)ws_elems, (long long)need);
+  return 0;
 }
 
 }  // namespace
@@ -328,21 +479,11 @@ using namespace fdm;
 FDM_API int fdm_group_norm_nhwc(const void* x, const void* w, const void* b, void* y, void* ws, int64_t ws_elems,
                                 int chunks, int64_t N, int64_t S, int64_t C, int G, float eps, int silu, int dtype,
                                 cudaStream_t stream) {
-  if (N < 0 || S < 0 || C < 0)
-    return arg_error("fdm_group_norm_nhwc: negative size (N=%lld, S=%lld, C=%lld)", (long long)N, (long long)S,
-                     (long long)C);
-  if (G < 1 || C % G != 0)
-    return arg_error("fdm_group_norm_nhwc: %lld channels do not split into %d groups", (long long)C, G);
-  if (chunks < 1 || chunks > 65535) return arg_error("fdm_group_norm_nhwc: chunks %d not in [1, 65535]", chunks);
-  if (N > 65535) return arg_error("fdm_group_norm_nhwc: batch %lld exceeds 65535", (long long)N);
+  constexpr const char* kEntry = "fdm_group_norm_nhwc";
+  if (const int e = check_nhwc_sizes(kEntry, N, S, C, G, chunks)) return e;
   if (N == 0 || S == 0 || C == 0) return 0;
   if (!x || !y || !ws) return arg_error("fdm_group_norm_nhwc: x, y and ws are required");
-  // Bounds every product below (N*G*chunks*2 < 2^57) and the int column counts.
-  if (C > (int64_t{1} << 24)) return arg_error("fdm_group_norm_nhwc: %lld channels is too many", (long long)C);
-  const int64_t need = N * G * static_cast<int64_t>(chunks) * 2 + 3 * N * C;
-  if (ws_elems < need)
-    return arg_error("fdm_group_norm_nhwc: workspace of %lld floats is smaller than N*G*chunks*2 + 3*N*C = %lld",
-                     (long long)ws_elems, (long long)need);
+  if (const int e = check_nhwc_workspace(kEntry, N, C, G, chunks, ws_elems)) return e;
   // Hopper: the whole tensor on chip (kernels/sm90/group_norm_resident_sm90.cu) where it fits, else the cluster
   // kernel of kernels/sm90/group_norm_sm90.cu where a group's column fits it; the three kernels below take the rest.
   // Under kSmallNhwcBytes of x the cluster kernel goes first: the whole-tensor kernel's grid barrier and merge of
@@ -381,6 +522,55 @@ FDM_API int fdm_group_norm_nhwc(const void* x, const void* w, const void* b, voi
     auto wsf = static_cast<float*>(ws);
     return vec ? launch_gn_nhwc<T, V>(x, w, b, y, wsf, chunks, N, S, C, G, eps, silu != 0, stream)
                : launch_gn_nhwc<T, 1>(x, w, b, y, wsf, chunks, N, S, C, G, eps, silu != 0, stream);
+  });
+  return 0;
+}
+
+// out = a + alpha * b over channels-last [N, S, C] (b: [N, S, C] like a, or [N, C] when b_per_sample, one row of
+// channels a sample; a, b, out contiguous, out not overlapping a or b), bit for bit what fdm_binary's add writes,
+// and the per-(sample, group) statistics of out in the workspace, for fdm_group_norm_nhwc_apply given the same ws,
+// chunks, N, S, C and G. ws: float32, at least N * G * chunks * 2 + 3 * N * C elements (fdm_group_norm_nhwc's
+// layout). `chunks` in [1, 65535]: the statistics blocks a sample, exactly (as many as S allows, none empty).
+FDM_API int fdm_add_group_stats_nhwc(const void* a, const void* b, int b_per_sample, float alpha, void* out, void* ws,
+                                     int64_t ws_elems, int chunks, int64_t N, int64_t S, int64_t C, int G, int dtype,
+                                     cudaStream_t stream) {
+  constexpr const char* kEntry = "fdm_add_group_stats_nhwc";
+  if (const int e = check_nhwc_sizes(kEntry, N, S, C, G, chunks)) return e;
+  if (N == 0 || S == 0 || C == 0) return 0;
+  if (!a || !b || !out || !ws) return arg_error("%s: a, b, out and ws are required", kEntry);
+  if (const int e = check_nhwc_workspace(kEntry, N, C, G, chunks, ws_elems)) return e;
+  FDM_DISPATCH_FLOAT(dtype, {
+    using T = scalar_t;
+    constexpr int V = vec16<T>();
+    const bool vec = C % V == 0 && aligned16(a) && aligned16(b) && aligned16(out);
+    auto wsf = static_cast<float*>(ws);
+    return vec ? launch_add_group_stats<T, V>(a, b, b_per_sample != 0, alpha, out, wsf, chunks, N, S, C, G, stream)
+               : launch_add_group_stats<T, 1>(a, b, b_per_sample != 0, alpha, out, wsf, chunks, N, S, C, G, stream);
+  });
+  return 0;
+}
+
+// GroupNorm (+ SiLU) of channels-last x [N, S, C] whose statistics a producer already left in ws
+// (fdm_add_group_stats_nhwc with the same ws, chunks, N, S, C and G, x being its out): the finalize and apply
+// kernels only, one read of x and one write of y. Arguments otherwise as fdm_group_norm_nhwc's.
+FDM_API int fdm_group_norm_nhwc_apply(const void* x, const void* w, const void* b, void* y, void* ws,
+                                      int64_t ws_elems, int chunks, int64_t N, int64_t S, int64_t C, int G, float eps,
+                                      int silu, int dtype, cudaStream_t stream) {
+  constexpr const char* kEntry = "fdm_group_norm_nhwc_apply";
+  if (const int e = check_nhwc_sizes(kEntry, N, S, C, G, chunks)) return e;
+  if (N == 0 || S == 0 || C == 0) return 0;
+  if (!x || !y || !ws) return arg_error("%s: x, y and ws are required", kEntry);
+  if (const int e = check_nhwc_workspace(kEntry, N, C, G, chunks, ws_elems)) return e;
+  const ChunkPlan plan = chunk_plan(S, chunks);
+  FDM_DISPATCH_FLOAT(dtype, {
+    using T = scalar_t;
+    constexpr int V = vec16<T>();
+    auto wsf = static_cast<float*>(ws);
+    if (C % V == 0 && aligned16(x) && aligned16(y))
+      launch_finalize_apply<T, V>(x, w, b, y, wsf, chunks, plan, N, S, C, G, eps, silu != 0, stream);
+    else
+      launch_finalize_apply<T, 1>(x, w, b, y, wsf, chunks, plan, N, S, C, G, eps, silu != 0, stream);
+    return launch_status();
   });
   return 0;
 }

@@ -116,15 +116,23 @@ class ResnetBlock2D:
         self.conv2 = Conv2d(w, prefix + "conv2")
         self.shortcut = Conv2d(w, prefix + "conv_shortcut") if in_ch != out_ch else None
 
-    def __call__(self, x: Tensor, silu_temb: Tensor) -> Tensor:
-        # x: [B, H, W, C_in], silu_temb: [B, T] -> [B, H, W, C_out]
-        h = ops.group_norm(x, self.groups, *self.norm1, eps=self.eps, activation="silu", channels_last=True)
+    def forward(self, x: Tensor, silu_temb: Tensor, x_stats: ops.GroupStats | None = None,
+                out_groups: int | None = None) -> tuple[Tensor, ops.GroupStats | None]:
+        """x: [B, H, W, C_in], silu_temb: [B, T] -> [B, H, W, C_out]. x_stats: x's GroupStats, if the layer that
+        wrote x made them; out_groups: the groups of the GroupNorm that reads the output next (its statistics
+        are taken with the residual add), or None. norm2's statistics always come with the time-embedding add."""
+        h = ops.group_norm(x, self.groups, *self.norm1, eps=self.eps, activation="silu", channels_last=True,
+                           stats=x_stats)
         h = self.conv1(h)
         t = ops.linear(silu_temb, *self.time_emb_proj)  # [B, C_out]
-        h = ops.add(h, t.view(t.shape[0], 1, 1, t.shape[1]))
-        h = ops.group_norm(h, self.groups, *self.norm2, eps=self.eps, activation="silu", channels_last=True)
+        h, h_stats = ops.add_group_stats(h, t.view(t.shape[0], 1, 1, t.shape[1]), self.groups)
+        h = ops.group_norm(h, self.groups, *self.norm2, eps=self.eps, activation="silu", channels_last=True,
+                           stats=h_stats)
         h = self.conv2(h)
-        return ops.add(x if self.shortcut is None else self.shortcut(x), h)
+        return ops.add_group_stats(x if self.shortcut is None else self.shortcut(x), h, out_groups)
+
+    def __call__(self, x: Tensor, silu_temb: Tensor) -> Tensor:
+        return self.forward(x, silu_temb)[0]
 
 
 class Downsample2D:
@@ -238,10 +246,12 @@ class Transformer2D:
                        for i in range(plan.layers)]
         self.proj_out = take(w, prefix + "proj_out")
 
-    def __call__(self, x: Tensor, kvs: Sequence[Tensor]) -> Tensor:
-        # x: [B, H, W, C]; kvs: every block's projected encoder states (CrossAttentionKV's output)
+    def __call__(self, x: Tensor, kvs: Sequence[Tensor], x_stats: ops.GroupStats | None = None) -> Tensor:
+        # x: [B, H, W, C]; kvs: every block's projected encoder states (CrossAttentionKV's output); x_stats: x's
+        # GroupStats from the resnet that wrote it
         b, hh, ww, c = x.shape
-        h = ops.group_norm(x, self.groups, *self.norm, eps=TRANSFORMER_GROUP_NORM_EPS, channels_last=True)
+        h = ops.group_norm(x, self.groups, *self.norm, eps=TRANSFORMER_GROUP_NORM_EPS, channels_last=True,
+                           stats=x_stats)
         h = ops.linear(h.view(b, hh * ww, c), *self.proj_in)  # [B, HW, C]
         for block in self.blocks:
             h = block(h, kvs[block.kv_slot])
@@ -255,6 +265,7 @@ class _Block:
     def __init__(self, w: dict[str, Tensor], plan: BlockPlan, groups: int, eps: float, kv: CrossAttentionKV,
                  ones: Ones, first_attn: int = 0):
         p = plan.prefix
+        self.groups = groups
         self.resnets = [ResnetBlock2D(w, f"{p}resnets.{i}.", cin, cout, groups, eps)
                         for i, (cin, cout) in enumerate(plan.resnets)]
         n_attn = len(plan.resnets) - first_attn if plan.attn is not None else 0
@@ -263,12 +274,18 @@ class _Block:
                            for j in range(n_attn)]
         self.first_attn = first_attn
 
-    def _layer(self, i: int, x: Tensor, silu_temb: Tensor, kvs: Sequence[Tensor]) -> Tensor:
-        x = self.resnets[i](x, silu_temb)
+    def _layer(self, i: int, x: Tensor, silu_temb: Tensor, kvs: Sequence[Tensor],
+               x_stats: ops.GroupStats | None = None,
+               out_groups: int | None = None) -> tuple[Tensor, ops.GroupStats | None]:
+        """Resnet i, then its transformer if it has one (whose GroupNorm gets the resnet's statistics). x_stats:
+        x's GroupStats for the resnet; out_groups: take the layer's output statistics for a GroupNorm of that
+        many groups (a transformer's output comes from a GEMM epilogue, so it has none)."""
         j = i - self.first_attn
         if 0 <= j < len(self.attentions):
-            x = self.attentions[j](x, kvs)
-        return x
+            attn = self.attentions[j]
+            x, stats = self.resnets[i].forward(x, silu_temb, x_stats, attn.groups)
+            return attn(x, kvs, stats), None
+        return self.resnets[i].forward(x, silu_temb, x_stats, out_groups)
 
 
 class DownBlock(_Block):
@@ -281,8 +298,9 @@ class DownBlock(_Block):
 
     def __call__(self, x: Tensor, silu_temb: Tensor, kvs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         skips = []
+        stats = None  # of x, from the layer before in this block (the next resnet's norm1 reads them)
         for i in range(len(self.resnets)):
-            x = self._layer(i, x, silu_temb, kvs)
+            x, stats = self._layer(i, x, silu_temb, kvs, stats, self.groups if i + 1 < len(self.resnets) else None)
             skips.append(x)
         if self.downsampler is not None:
             x = self.downsampler(x)
@@ -298,9 +316,10 @@ class MidBlock(_Block):
         super().__init__(w, plan, groups, eps, kv, ones, first_attn=1)
 
     def __call__(self, x: Tensor, silu_temb: Tensor, kvs: Sequence[Tensor]) -> Tensor:
-        x = self.resnets[0](x, silu_temb)
+        x, stats = self.resnets[0].forward(x, silu_temb, out_groups=self.groups if self.attentions else None)
         for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            x = resnet(attn(x, kvs), silu_temb)
+            x = resnet(attn(x, kvs, stats), silu_temb)
+            stats = None  # a transformer's output comes from a GEMM epilogue: no statistics
         return x
 
 
@@ -318,7 +337,7 @@ class UpBlock(_Block):
         # skips: this block's len(resnets) skip tensors, in the order the down path made them
         for i in range(len(self.resnets)):
             x = ops.concat([x, skips[-1 - i]], axis=3)  # [B, H, W, C + C_skip]
-            x = self._layer(i, x, silu_temb, kvs)
+            x, _ = self._layer(i, x, silu_temb, kvs)
         if self.upsampler is not None:
             x = self.upsampler(x, size)
         return x

@@ -86,20 +86,27 @@ class ResnetBlock2D:
 
     def __init__(self, w: dict[str, Tensor], prefix: str, groups: int, in_ch: int, out_ch: int):
         self.groups = groups
+        self.input_groups = groups  # norm1 reads the input: LayerStack hands this layer its GroupStats
         self.norm1 = take(w, prefix + "norm1")
         self.conv1 = Conv2d(w, prefix + "conv1", padding=1)
         self.norm2 = take(w, prefix + "norm2")
         self.conv2 = Conv2d(w, prefix + "conv2", padding=1)
         self.shortcut = Conv2d(w, prefix + "conv_shortcut") if in_ch != out_ch else None
 
-    def __call__(self, x: Tensor) -> Tensor:
-        # x: [B, H, W, C_in] -> [B, H, W, C_out]
-        h = ops.group_norm(x, self.groups, *self.norm1, eps=EPS, activation="silu", channels_last=True)
+    def forward(self, x: Tensor, x_stats: ops.GroupStats | None = None,
+                out_groups: int | None = None) -> tuple[Tensor, ops.GroupStats | None]:
+        """x: [B, H, W, C_in] -> [B, H, W, C_out]. x_stats: x's GroupStats, if the layer before made them;
+        out_groups: the groups of the GroupNorm that reads the output next (its statistics are taken with the
+        residual add), or None."""
+        h = ops.group_norm(x, self.groups, *self.norm1, eps=EPS, activation="silu", channels_last=True, stats=x_stats)
         h = self.conv1(h)
         h = ops.group_norm(h, self.groups, *self.norm2, eps=EPS, activation="silu", channels_last=True)
         h = self.conv2(h)
         skip = x if self.shortcut is None else self.shortcut(x)
-        return ops.add(skip, h)
+        return ops.add_group_stats(skip, h, out_groups)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.forward(x)[0]
 
     def out_shape(self, shape: Shape) -> Shape:
         return self.conv1.out_shape(shape)
@@ -127,6 +134,7 @@ class SpatialSelfAttention:
 
     def __init__(self, w: dict[str, Tensor], prefix: str, groups: int, channels: int):
         self.groups = groups
+        self.input_groups = groups  # its GroupNorm reads the input: LayerStack hands this layer its GroupStats
         self.norm = take(w, prefix + "group_norm")
         q_w, q_b = take(w, prefix + "to_q")
         scale = channels ** -0.5
@@ -139,11 +147,13 @@ class SpatialSelfAttention:
     def _rows(b: int, s: int, itemsize: int) -> int:
         return max(1, min(s, ATTN_SCORE_BYTES // max(1, b * s * itemsize)))
 
-    def __call__(self, x: Tensor) -> Tensor:
-        # x: [B, H, W, C]
+    def forward(self, x: Tensor, x_stats: ops.GroupStats | None = None,
+                out_groups: int | None = None) -> tuple[Tensor, ops.GroupStats | None]:
+        """x: [B, H, W, C] -> the same shape; x_stats and out_groups as ResnetBlock2D.forward's."""
         b, h, wd, c = x.shape
         s = h * wd
-        tokens = ops.group_norm(x, self.groups, *self.norm, eps=EPS, channels_last=True).view(b, s, c)  # [B, S, C]
+        tokens = ops.group_norm(x, self.groups, *self.norm, eps=EPS, channels_last=True, stats=x_stats)
+        tokens = tokens.view(b, s, c)  # [B, S, C]
         q = ops.linear(tokens, *self.to_q)  # [B, S, C], pre-scaled
         k_t = ops.permute(ops.linear(tokens, *self.to_k), (0, 2, 1))  # [B, C, S]
         v = ops.linear(tokens, *self.to_v)  # [B, S, C]
@@ -159,7 +169,10 @@ class SpatialSelfAttention:
         del q, k_t, v
         out = pieces[0] if len(pieces) == 1 else ops.concat(pieces, axis=1)  # [B, S, C]
         del pieces
-        return ops.add(ops.linear(out, *self.to_out).view(b, h, wd, c), x)  # [B, H, W, C]
+        return ops.add_group_stats(ops.linear(out, *self.to_out).view(b, h, wd, c), x, out_groups)  # [B, H, W, C]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.forward(x)[0]
 
     def out_shape(self, shape: Shape) -> Shape:
         return shape
@@ -227,11 +240,18 @@ class NormActConv:
 
     def __init__(self, w: dict[str, Tensor], prefix: str, groups: int):
         self.groups = groups
+        self.input_groups = groups  # conv_norm_out reads the input: LayerStack hands this layer its GroupStats
         self.norm = take(w, prefix + "conv_norm_out")
         self.conv = Conv2d(w, prefix + "conv_out", padding=1)
 
+    def forward(self, x: Tensor, x_stats: ops.GroupStats | None = None,
+                out_groups: int | None = None) -> tuple[Tensor, None]:
+        """x_stats: x's GroupStats, if the layer before made them; out_groups is not used (a conv writes the output)."""
+        h = ops.group_norm(x, self.groups, *self.norm, eps=EPS, activation="silu", channels_last=True, stats=x_stats)
+        return self.conv(h), None
+
     def __call__(self, x: Tensor) -> Tensor:
-        return self.conv(ops.group_norm(x, self.groups, *self.norm, eps=EPS, activation="silu", channels_last=True))
+        return self.forward(x)[0]
 
     def out_shape(self, shape: Shape) -> Shape:
         return self.conv.out_shape(shape)
@@ -241,14 +261,21 @@ class NormActConv:
 
 
 class LayerStack:
-    """Layers run one after the other; each one's input is released when it returns."""
+    """Layers run one after the other; each one's input is released when it returns. A layer whose input a
+    GroupNorm reads first says so with `input_groups`; the layer before it, when it has a `forward(x, x_stats,
+    out_groups)` (ResnetBlock2D, SpatialSelfAttention: their outputs are residual adds), takes that GroupNorm's
+    statistics while writing its output and hands them over, so the GroupNorm reads its input once."""
 
     def __init__(self, layers: Sequence):
         self.layers = list(layers)
 
     def __call__(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x)
+        stats = None
+        for layer, after in zip(self.layers, self.layers[1:] + [None], strict=True):
+            if hasattr(layer, "forward"):
+                x, stats = layer.forward(x, stats, getattr(after, "input_groups", None))
+            else:
+                x, stats = layer(x), None
         return x
 
     def out_shape(self, shape: Shape) -> Shape:

@@ -120,12 +120,49 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     return _dispatch("rms_norm", x, weight, eps=eps)
 
 
+class GroupStats:
+    """The moments of each (sample, channel group) of one channels-last tensor, made by add_group_stats while it
+    wrote that tensor, for a group_norm of it that then reads it once instead of twice. They describe the values
+    the tensor held when it was made: do not pass them after writing into it."""
+
+    def __init__(self, of: Tensor, num_groups: int, payload):
+        self.of = of  # the tensor they describe
+        self.num_groups = num_groups
+        self.payload = payload  # the backend's: cpu.GroupMoments, or ops.cuda's workspace of per-chunk moments
+
+
 def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
-               eps: float = 1e-5, activation: Activation = None, channels_last: bool = False) -> Tensor:
+               eps: float = 1e-5, activation: Activation = None, channels_last: bool = False,
+               stats: GroupStats | None = None) -> Tensor:
     """GroupNorm over [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu".
-    channels_last=True: x is [N, *spatial, C]."""
+    channels_last=True: x is [N, *spatial, C]. stats: x's moments from add_group_stats (channels_last only)."""
+    payload = None
+    if stats is not None:
+        if not isinstance(stats, GroupStats):
+            raise ShapeError(f"ops.group_norm: stats must be the GroupStats ops.add_group_stats returned, got "
+                             f"{type(stats).__name__}")
+        if stats.of is not x:
+            raise ShapeError("ops.group_norm: stats describe another tensor; pass the tensor add_group_stats returned "
+                             "with them (not a copy or a view of it)")
+        if not channels_last:
+            raise ShapeError("ops.group_norm: stats are for channels-last tensors; pass channels_last=True")
+        if stats.num_groups != num_groups:
+            raise ShapeError(f"ops.group_norm: stats are for {stats.num_groups} groups, num_groups is {num_groups}")
+        payload = stats.payload
     return _dispatch("group_norm", x, weight, bias, num_groups=num_groups, eps=eps, activation=activation,
-                     channels_last=channels_last)
+                     channels_last=channels_last, stats=payload)
+
+
+def add_group_stats(a: Tensor, b: Tensor, num_groups: int | None,
+                    alpha: float = 1.0) -> tuple[Tensor, GroupStats | None]:
+    """add(a, b, alpha) of channels-last a [N, *spatial, C], with b of a's shape or one row a sample
+    [N, 1, ..., 1, C], and the moments of the result's num_groups channel groups for
+    group_norm(result, num_groups, ..., channels_last=True, stats=...). The result is what add returns, bit for bit.
+    num_groups None: add(a, b, alpha) and no statistics (for callers whose next op is not always a GroupNorm)."""
+    if num_groups is None:
+        return add(a, b, alpha=alpha), None
+    out, payload = _dispatch("add_group_stats", a, b, num_groups=num_groups, alpha=alpha)
+    return out, GroupStats(out, num_groups, payload)
 
 
 # ------------------------------------------------------------------------------------- positions and time

@@ -364,17 +364,29 @@ def rms_norm(x, weight=None, eps: float = 1e-6) -> np.ndarray:
     return y.astype(f32)
 
 
+class GroupMoments:
+    """The CPU backend's payload of ops.GroupStats: mean and variance (biased) of each (sample, group), float64
+    [N, G] each, of the float32 tensor add_group_stats returned."""
+
+    def __init__(self, mean: np.ndarray, var: np.ndarray):
+        self.mean, self.var = mean, var
+
+
 def group_norm(x, weight=None, bias=None, *, num_groups: int, eps: float = 1e-5,
-               activation: str | None = None, channels_last: bool = False) -> np.ndarray:
+               activation: str | None = None, channels_last: bool = False,
+               stats: GroupMoments | None = None) -> np.ndarray:
     """GroupNorm over [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu"
     (channels_last: x is [N, *spatial, C]). num_groups is keyword-only here because ops.group_norm passes it that
-    way."""
+    way. stats: x's group moments from add_group_stats (channels_last only), used instead of x's own."""
     x = _float(x, "ops.group_norm: x")
     if channels_last:
         _check(x.ndim >= 2, f"ops.group_norm: x must be [N, *spatial, C] (channels_last), got {x.shape}")
         order = (0, x.ndim - 1) + tuple(range(1, x.ndim - 1))  # -> [N, C, *spatial]
-        y = group_norm(x.transpose(order), weight, bias, num_groups=num_groups, eps=eps, activation=activation)
+        y = group_norm(x.transpose(order), weight, bias, num_groups=num_groups, eps=eps, activation=activation,
+                       stats=stats)
         return np.ascontiguousarray(y.transpose(np.argsort(order)))
+    _check(stats is None or isinstance(stats, GroupMoments),
+           "ops.group_norm: stats must come from ops.add_group_stats")
     weight = _float_or_none(weight, "ops.group_norm: weight")
     bias = _float_or_none(bias, "ops.group_norm: bias")
     _check_activation(activation, (None, "silu"), "group_norm")
@@ -385,7 +397,15 @@ def group_norm(x, weight=None, bias=None, *, num_groups: int, eps: float = 1e-5,
     _check(c % num_groups == 0, f"ops.group_norm: {c} channels do not split into {num_groups} groups")
     _check_vector(weight, c, "ops.group_norm: weight")
     _check_vector(bias, c, "ops.group_norm: bias")
-    y = _normalize_last64(x.reshape(n, num_groups, -1), _scalar(eps, "eps")).reshape(x.shape)
+    eps = _scalar(eps, "eps")
+    if stats is None:
+        y = _normalize_last64(x.reshape(n, num_groups, -1), eps).reshape(x.shape)
+    else:
+        _check(stats.mean.shape == (n, num_groups),
+               f"ops.group_norm: stats are for {stats.mean.shape[1]} groups of {stats.mean.shape[0]} samples, x has "
+               f"{num_groups} of {n}")
+        groups = x.astype(f64).reshape(n, num_groups, -1)
+        y = ((groups - stats.mean[..., None]) / np.sqrt(stats.var[..., None] + eps)).reshape(x.shape)
     per_channel = (c,) + (1,) * (x.ndim - 2)  # broadcasts over the spatial dims
     if weight is not None:
         y *= weight.reshape(per_channel)
@@ -534,6 +554,29 @@ def add(a, b, alpha: float = 1.0) -> np.ndarray:
     a = _float(a, "ops.add: a")
     b = _operand_b(a, b, "add")
     return (a.astype(f64) + _scalar(alpha, "ops.add: alpha") * b.astype(f64)).astype(f32)
+
+
+def per_sample_shape(a_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a per-sample operand of channels-last a [N, *spatial, C]: [N, 1, ..., 1, C]."""
+    return (a_shape[0],) + (1,) * (len(a_shape) - 2) + (a_shape[-1],)
+
+
+def add_group_stats(a, b, *, num_groups: int, alpha: float = 1.0) -> tuple[np.ndarray, GroupMoments]:
+    """add(a, b, alpha) of channels-last a [N, *spatial, C] (b: a's shape, or [N, 1, ..., 1, C]) and the moments
+    of the result's num_groups channel groups per sample, for group_norm(..., stats=)."""
+    a = _float(a, "ops.add_group_stats: a")
+    _check(a.ndim >= 2, f"ops.add_group_stats: a must be channels-last [N, *spatial, C], got {a.shape}")
+    n, c = a.shape[0], a.shape[-1]
+    if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
+        raise InvalidArgumentError(f"ops.add_group_stats: num_groups must be an int >= 1, got {num_groups!r}")
+    _check(c % num_groups == 0, f"ops.add_group_stats: {c} channels do not split into {num_groups} groups")
+    b = _float(b, "ops.add_group_stats: b")
+    _check(b.shape in (a.shape, per_sample_shape(a.shape)),
+           f"ops.add_group_stats: b must have a's shape {a.shape} or one row a sample {per_sample_shape(a.shape)}, "
+           f"got {b.shape}; use ops.add for other broadcasts")
+    out = add(a, b, alpha)
+    groups = out.astype(f64).reshape(n, -1, num_groups, c // num_groups)
+    return out, GroupMoments(groups.mean(axis=(1, 3)), groups.var(axis=(1, 3)))
 
 
 def mul(a, b) -> np.ndarray:

@@ -126,9 +126,11 @@ def _check_out(op: str, out: Tensor, x: Tensor) -> None:
 
 
 def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, num_groups: int,
-               eps: float = 1e-5, activation: str | None = None, channels_last: bool = False) -> Tensor:
+               eps: float = 1e-5, activation: str | None = None, channels_last: bool = False,
+               stats: NhwcGroupStats | None = None) -> Tensor:
     """GroupNorm over x [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu".
-    channels_last=True: x is [N, *spatial, C] (kernels/group_norm_nhwc.cu)."""
+    channels_last=True: x is [N, *spatial, C] (kernels/group_norm_nhwc.cu); stats: x's group moments from
+    add_group_stats (then only the apply pass runs)."""
     device = gpu_device("group_norm", x, weight, bias)
     check_float("group_norm", x)
     if activation not in (None, "silu"):
@@ -143,7 +145,9 @@ def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         where = " (the last dim of x [N, *spatial, C])" if channels_last else ""
         raise ShapeError(f"ops.group_norm: {c} channels{where} do not split into {num_groups} groups")
     if channels_last:
-        return _group_norm_nhwc(x, weight, bias, num_groups, eps, activation, device)
+        return _group_norm_nhwc(x, weight, bias, num_groups, eps, activation, device, stats)
+    if stats is not None:
+        raise ShapeError("ops.group_norm: stats are for channels-last tensors; pass channels_last=True")
     if n * num_groups > _MAX_GRID_Y:
         raise ShapeError(f"ops.group_norm: batch {n} x {num_groups} groups exceeds {_MAX_GRID_Y}; "
                          "split the batch into smaller pieces")
@@ -164,12 +168,13 @@ def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     return y
 
 
-def nhwc_chunks(n: int, s: int, row_bytes: int, sm_count: int) -> int:
+def nhwc_chunks(n: int, s: int, row_bytes: int, sm_count: int, blocks_per_sm: int = _NHWC_MAX_BLOCKS_PER_SM) -> int:
     """The most row chunks per sample (one statistics block each) fdm_group_norm_nhwc may use, which sizes its
-    workspace: _NHWC_MAX_BLOCKS_PER_SM blocks per SM over the batch, no chunk under _NHWC_MIN_CHUNK_BYTES of x
+    workspace: blocks_per_sm blocks per SM over the batch, no chunk under _NHWC_MIN_CHUNK_BYTES of x
     (tiny tensors get few blocks), never more chunks than rows or than the grid allows; with rpc = ceil(s / chunks)
-    rows each, ceil(s / rpc) of them (none empty). The kernel runs min(this, one wave of resident blocks)."""
-    want = -(-(_NHWC_MAX_BLOCKS_PER_SM * sm_count) // max(n, 1))
+    rows each, ceil(s / rpc) of them (none empty). The kernel runs min(this, one wave of resident blocks);
+    fdm_add_group_stats_nhwc runs exactly this many."""
+    want = -(-(blocks_per_sm * sm_count) // max(n, 1))
     min_rows = max(1, -(-_NHWC_MIN_CHUNK_BYTES // max(row_bytes, 1)))
     chunks = max(1, min(want, -(-s // min_rows), _MAX_GRID_Y))
     rpc = -(-s // chunks)
@@ -182,13 +187,26 @@ def nhwc_workspace_elems(n: int, c: int, num_groups: int, chunks: int) -> int:
     return n * num_groups * chunks * 2 + 3 * n * c
 
 
-def _group_norm_nhwc(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float,
-                     activation: str | None, device: Device) -> Tensor:
-    """group_norm of channels-last x [N, *spatial, C] (x, num_groups checked by group_norm)."""
-    n, c = x.shape[0], x.shape[-1]
+class NhwcGroupStats:
+    """ops.cuda's payload of ops.GroupStats: the workspace fdm_add_group_stats_nhwc left the per-chunk group moments
+    in (fdm_group_norm_nhwc's layout), the chunk count it ran with, and the [N, S, C] sizes it ran over."""
+
+    def __init__(self, ws: Tensor, chunks: int, sizes: tuple[int, int, int]):
+        self.ws, self.chunks, self.sizes = ws, chunks, sizes
+
+
+def _check_nhwc_batch(op: str, n: int) -> None:
     if n > _MAX_GRID_Y:
-        raise ShapeError(f"ops.group_norm: batch {n} exceeds {_MAX_GRID_Y} for x [N, *spatial, C]; split the batch "
-                         "into smaller pieces")
+        raise ShapeError(f"ops.{op}: batch {n} exceeds {_MAX_GRID_Y} for x [N, *spatial, C]; split the batch into "
+                         "smaller pieces")
+
+
+def _group_norm_nhwc(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float,
+                     activation: str | None, device: Device, stats: NhwcGroupStats | None) -> Tensor:
+    """group_norm of channels-last x [N, *spatial, C] (x, num_groups checked by group_norm); with `stats` (x's,
+    from add_group_stats) the apply pass only."""
+    n, c = x.shape[0], x.shape[-1]
+    _check_nhwc_batch("group_norm", n)
     weight = _vector("group_norm", weight, c, x, "weight")
     bias = _vector("group_norm", bias, c, x, "bias")
     x = contig(x)  # x: [N, S, C] with S the product of the spatial dims
@@ -196,13 +214,54 @@ def _group_norm_nhwc(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_
     if x.numel == 0:
         return y
     s = x.numel // (n * c)
+    w_ptr = weight.data_ptr if weight is not None else None
+    b_ptr = bias.data_ptr if bias is not None else None
+    if stats is not None:
+        if stats.sizes != (n, s, c):
+            raise ShapeError(f"ops.group_norm: stats are of a [N, S, C] = {stats.sizes} tensor, x is {(n, s, c)}")
+        call("fdm_group_norm_nhwc_apply", x.data_ptr, w_ptr, b_ptr, y.data_ptr, stats.ws.data_ptr, stats.ws.numel,
+             stats.chunks, n, s, c, num_groups, float(eps), int(activation == "silu"), x.dtype.code, stream(device))
+        return y
     chunks = nhwc_chunks(n, s, c * x.itemsize, device.multiprocessor_count)
     ws_elems = nhwc_workspace_elems(n, c, num_groups, chunks)
     ws = empty((ws_elems,), dtypes.float32, device)
-    call("fdm_group_norm_nhwc", x.data_ptr, weight.data_ptr if weight is not None else None,
-         bias.data_ptr if bias is not None else None, y.data_ptr, ws.data_ptr, ws_elems, chunks, n, s, c,
+    call("fdm_group_norm_nhwc", x.data_ptr, w_ptr, b_ptr, y.data_ptr, ws.data_ptr, ws_elems, chunks, n, s, c,
          num_groups, float(eps), int(activation == "silu"), x.dtype.code, stream(device))
     return y
+
+
+# Statistics blocks per SM of fdm_add_group_stats_nhwc over the batch: one wave at the 2 blocks of 256 threads an SM
+# its kernel is built for (__launch_bounds__ in kernels/group_norm_nhwc.cu).
+_ADD_STATS_BLOCKS_PER_SM = 2
+
+
+def add_group_stats(a: Tensor, b: Tensor, *, num_groups: int, alpha: float = 1.0) -> tuple[Tensor, NhwcGroupStats]:
+    """add(a, b, alpha) of channels-last a [N, *spatial, C] (b: a's shape or [N, 1, ..., 1, C]) and the per-chunk
+    moments of the result's groups (kernels/group_norm_nhwc.cu), for group_norm(..., stats=)."""
+    device = gpu_device("add_group_stats", a, b)
+    check_float("add_group_stats", a, "a")
+    check_same_dtype("add_group_stats", a, b, "b")
+    if a.ndim < 2:
+        raise ShapeError(f"ops.add_group_stats: a must be channels-last [N, *spatial, C], got {a.shape}")
+    n, c = a.shape[0], a.shape[-1]
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise InvalidArgumentError(f"ops.add_group_stats: num_groups must be an int >= 1, got {num_groups!r}")
+    if c % num_groups:
+        raise ShapeError(f"ops.add_group_stats: {c} channels do not split into {num_groups} groups")
+    per_sample = (n,) + (1,) * (a.ndim - 2) + (c,)
+    if b.shape not in (a.shape, per_sample):
+        raise ShapeError(f"ops.add_group_stats: b must have a's shape {a.shape} or one row a sample {per_sample}, "
+                         f"got {b.shape}; use ops.add for other broadcasts")
+    _check_nhwc_batch("add_group_stats", n)
+    a, b = contig(a), contig(b)
+    out = empty_like(a)
+    s = a.numel // max(n * c, 1)
+    chunks = nhwc_chunks(n, s, c * a.itemsize, device.multiprocessor_count, _ADD_STATS_BLOCKS_PER_SM)
+    ws = empty((nhwc_workspace_elems(n, c, num_groups, chunks),), dtypes.float32, device)
+    if a.numel:
+        call("fdm_add_group_stats_nhwc", a.data_ptr, b.data_ptr, int(b.shape != a.shape), float(alpha), out.data_ptr,
+             ws.data_ptr, ws.numel, chunks, n, s, c, num_groups, a.dtype.code, stream(device))
+    return out, NhwcGroupStats(ws, chunks, (n, s, c))
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = True, out: Tensor | None = None) -> Tensor:

@@ -212,3 +212,23 @@ def test_matches_diffusers_on_gpu_bf16():
         err = rel_l2(np.asarray(out.numpy(), dtype=np.float32), expected)
         # every op output rounded to bf16 (emulated on the CPU, weights and inputs as here) gives 8.3e-3
         assert err < 2e-2, f"{label}: rel_l2 {err:.3e}"
+
+
+def test_group_norms_after_an_add_take_its_statistics(model, monkeypatch):
+    """Every resnet's norm2 takes its statistics from the time-embedding add, every transformer's GroupNorm and the
+    second norm1 of a down block without attention from the resnet's residual add; the output is unchanged."""
+    from fastdm.runtime import ops
+
+    blocks = [*model.down_blocks, model.mid_block, *model.up_blocks]
+    expected = sum(len(b.resnets) + len(b.attentions) for b in blocks)
+    expected += sum(len(b.resnets) - 1 for b in model.down_blocks if not b.attentions)
+    real, given = ops.group_norm, []
+
+    def spy(x, num_groups, *args, stats=None, **kwargs):
+        given.append(stats is not None)
+        return real(x, num_groups, *args, stats=stats, **kwargs)
+
+    monkeypatch.setattr(ops, "group_norm", spy)
+    io = io_arrays()
+    assert rel_l2(run(model, io), io["expected"]) < 1e-4
+    assert sum(given) == expected, (sum(given), expected, len(given))

@@ -373,3 +373,24 @@ def test_to_pil_of_a_gpu_tensor():
     img = _io()["to_pil.bfloat16"]
     got = np.stack([np.asarray(p) for p in to_pil(_gpu(img))])
     np.testing.assert_array_equal(got, _io()["to_pil.bfloat16_pixels"])
+
+
+def test_group_norms_after_an_add_take_its_statistics(monkeypatch):
+    """LayerStack hands a resnet's or the attention block's output statistics (taken in its residual add) to the
+    next layer whose first op is a GroupNorm; the decode still matches diffusers."""
+    from fastdm.runtime import ops
+
+    model = cpu_model(SDXL)
+    layers = model.decoder.layers
+    expected = sum(hasattr(layer, "forward") and hasattr(after, "input_groups")
+                   for layer, after in zip(layers, layers[1:], strict=False))
+    real, given = ops.group_norm, []
+
+    def spy(x, num_groups, *args, stats=None, **kwargs):
+        given.append(stats is not None)
+        return real(x, num_groups, *args, stats=stats, **kwargs)
+
+    monkeypatch.setattr(ops, "group_norm", spy)
+    out = model.decode(io(SDXL, "latents"))
+    assert rel_l2(f32(out), io(SDXL, "decode")) < 1e-4
+    assert expected >= 4 and sum(given) == expected, (sum(given), expected, len(given))

@@ -192,35 +192,48 @@ def bench_fused(ceil):
 
 
 def bench_add_group_norm(ceil, wgt, bias):
-    """The add that writes a GroupNorm's input, then the GroupNorm + SiLU, as the SDXL UNet and VAE run them: the
-    residual add of a resnet or attention block (b of a's shape) and the UNet's time-embedding add (b one row a
-    sample). fastdm takes the statistics in the add (ops.add_group_stats), so the GroupNorm reads its input once;
-    torch runs the same two steps. Bytes: the add's reads and write, then the GroupNorm's read and write."""
+    """The op that writes a GroupNorm's input, then the GroupNorm + SiLU, as the SDXL UNet and VAE run them: the
+    residual add of a resnet or attention block (b of a's shape), the UNet's time-embedding add (b one row a sample)
+    and an up block's concatenation of its input and skip (the GroupNorm over all 960 channels). fastdm takes the
+    statistics in that op (ops.add_group_stats / ops.concat_group_stats), so the GroupNorm reads its input once;
+    torch runs the same two steps. Bytes: the first op's reads and write, then the GroupNorm's read and write."""
     shape, numel = (2, 128, 128, 512), 2 * 128 * 128 * 512
     wf, bf = fd(wgt), fd(bias)
+    w960, b960 = torch.randn(960, dtype=torch.bfloat16, device="cuda"), torch.randn(960, dtype=torch.bfloat16,
+                                                                                      device="cuda")
+    w960f, b960f = fd(w960), fd(b960)
 
     def bf16(*dims):
         return torch.randn(*dims, dtype=torch.bfloat16, device="cuda")
 
-    def torch_pair(a, b):
-        s = a + b
-        return s, F.silu(F.group_norm(s.permute(0, 3, 1, 2), 32, wgt, bias, eps=1e-6))
+    def torch_gn(s, w, b):
+        return s, F.silu(F.group_norm(s.permute(0, 3, 1, 2), 32, w, b, eps=1e-6))
 
-    def ours_pair(a, b):
-        s, stats = ops.add_group_stats(a, b, 32)
-        return s, ops.group_norm(s, 32, wf, bf, eps=1e-6, activation="silu", channels_last=True, stats=stats)
+    def ours_gn(s, w, b, stats=None):
+        return s, ops.group_norm(s, 32, w, b, eps=1e-6, activation="silu", channels_last=True, stats=stats)
 
-    def ours_unfused(a, b):  # for the record: the add, then GroupNorm with its own statistics
-        s = ops.add(a, b)
-        return s, ops.group_norm(s, 32, wf, bf, eps=1e-6, activation="silu", channels_last=True)
+    def with_stats(result, w=wf, b=bf):
+        s, stats = result
+        return ours_gn(s, w, b, stats)
 
-    for what, b_shape, moved in (("residual", shape, 5 * numel * 2), ("time-embedding", (2, 1, 1, 512), 4 * numel * 2)):
-        ta, oa = rotating(lambda b_shape=b_shape: (bf16(*shape), bf16(*b_shape)), numel * 2)
+    cases = [  # (what, input shapes, moved bytes, torch, fastdm with statistics, fastdm without)
+        ("residual add", [shape, shape], 5 * numel * 2, lambda a, b: torch_gn(a + b, wgt, bias),
+         lambda a, b: with_stats(ops.add_group_stats(a, b, 32)), lambda a, b: ours_gn(ops.add(a, b), wf, bf)),
+        ("time-embedding add", [shape, (2, 1, 1, 512)], 4 * numel * 2, lambda a, b: torch_gn(a + b, wgt, bias),
+         lambda a, b: with_stats(ops.add_group_stats(a, b, 32)), lambda a, b: ours_gn(ops.add(a, b), wf, bf)),
+        ("up-block concat 640+320", [(2, 128, 128, 640), (2, 128, 128, 320)], 4 * 2 * 128 * 128 * 960 * 2,
+         lambda a, b: torch_gn(torch.cat([a, b], dim=3), w960, b960),
+         lambda a, b: with_stats(ops.concat_group_stats(a, b, 32), w960f, b960f),
+         lambda a, b: ours_gn(ops.concat([a, b], axis=3), w960f, b960f)),
+    ]
+    for what, shapes, moved, torch_fn, ours_fn, unfused_fn in cases:
+        ta, oa = rotating(lambda shapes=shapes: tuple(bf16(*s) for s in shapes), moved // 4)
         copy = same_size_copy_ms(moved)
-        row(f"{what} add + group_norm+silu channels-last [2,128,128,512]", lambda ta=ta: torch_pair(*ta()),
-            lambda oa=oa: ours_pair(*oa()), moved, "GB/s", ceil["copy_GBps"], copy_ms=copy)
-        row(f"{what} add, then group_norm+silu (no statistics from the add)", lambda ta=ta: torch_pair(*ta()),
-            lambda oa=oa: ours_unfused(*oa()), moved, "GB/s", ceil["copy_GBps"], copy_ms=copy)
+        size = ",".join(map(str, shapes[0]))
+        row(f"{what} + group_norm+silu channels-last [{size}]", lambda ta=ta, f=torch_fn: f(*ta()),
+            lambda oa=oa, f=ours_fn: f(*oa()), moved, "GB/s", ceil["copy_GBps"], copy_ms=copy)
+        row(f"{what}, then group_norm+silu (no statistics from it)", lambda ta=ta, f=torch_fn: f(*ta()),
+            lambda oa=oa, f=unfused_fn: f(*oa()), moved, "GB/s", ceil["copy_GBps"], copy_ms=copy)
 
 
 def main():

@@ -63,6 +63,9 @@ SIGNATURES: dict[str, list] = {
     # out = a + alpha * b and its group statistics into ws; b [N, S, C] or [N, C] (b_per_sample)
     # (a, b, b_per_sample, alpha, out, ws, ws_elems, chunks, N, S, C, G, dtype, stream)
     "fdm_add_group_stats_nhwc": [P, P, I, F, P, P, I64, I, I64, I64, I64, I, I, P],
+    # out = [a, b] along the channels and its group statistics into ws
+    # (a, b, Ca, Cb, out, ws, ws_elems, chunks, N, S, G, dtype, stream)
+    "fdm_concat_group_stats_nhwc": [P, P, I64, I64, P, P, I64, I, I64, I64, I, I, P],
     # rope.cu. (x, y, cos, sin, B, S, H, D, xs_b, xs_s, xs_h, ys_b, ys_s, ys_h, interleaved, dtype, stream)
     "fdm_rope": [P, P, P, P, I64, I64, I64, I64, I64, I64, I64, I64, I64, I64, I, I, P],
     # (qkv, q_w|None, k_w|None, cos, sin, out, B, S, H, D, xs_b, xs_s, xs_t, xs_h, ys_b, ys_s, ys_t, ys_h, eps,

@@ -87,24 +87,25 @@ size_t stats_smem_bytes(const RowShape& s, int V, int64_t C) {
   return (static_cast<size_t>(s.R) * s.ct * V + static_cast<size_t>(C)) * sizeof(float2) + s.R * sizeof(float);
 }
 
-// Where the statistics kernel's values come from. Offsets are elements of the [N, S, C] tensor; n is the sample and
-// c the channel of the pack's first element. A tile is read in two steps: `fetch` issues a row's loads (Raw), and
+// Where the statistics kernel's values come from. `row` is a row of the [N * S, C] tensor (n * S + s), n its sample
+// and c the channel of the pack's first element. A tile is read in two steps: `fetch` issues a row's loads (Raw), and
 // only once every row of the tile has been fetched does `take` turn each, in place, into its values, which
 // `values(raw)` then are (a producer computes and stores them there: a store between two rows' loads would keep the
-// compiler from issuing the next row's loads before it, since out may alias a or b as far as it knows). `peek` (a
-// pack) and `value` (one element) read values again for the references and store nothing.
+// compiler from issuing the next row's loads before it, since out may alias the inputs as far as it knows). `peek`
+// (a pack) and `value` (one element) read values again for the references and store nothing.
 // ReadX: x itself, GroupNorm's own statistics pass. Plain loads: the apply pass re-reads x, which for the 10-40 MB
 // UNet tensors is still in the 50 MB L2.
 template <typename T, int V>
 struct ReadX {
   static constexpr int kMinBlocks = 3;  // the kernel's __launch_bounds__ minimum of resident blocks (see below)
   const T* x;
+  int64_t C;
   using Raw = Pack<T, V>;
-  __device__ __forceinline__ Raw fetch(int64_t off, int64_t, int64_t) const { return load_pack<T, V>(x + off); }
-  __device__ __forceinline__ void take(Raw&, int64_t) const {}
+  __device__ __forceinline__ Raw fetch(int64_t row, int64_t, int64_t c) const { return load_pack<T, V>(x + row * C + c); }
+  __device__ __forceinline__ void take(Raw&, int64_t, int64_t) const {}
   static __device__ __forceinline__ const Pack<T, V>& values(const Raw& r) { return r; }
-  __device__ __forceinline__ Pack<T, V> peek(int64_t off, int64_t, int64_t) const { return load_pack<T, V>(x + off); }
-  __device__ __forceinline__ float value(int64_t off, int64_t, int64_t) const { return to_f32(x[off]); }
+  __device__ __forceinline__ Pack<T, V> peek(int64_t row, int64_t n, int64_t c) const { return fetch(row, n, c); }
+  __device__ __forceinline__ float value(int64_t row, int64_t, int64_t c) const { return to_f32(x[row * C + c]); }
 };
 
 // AddInto: out = a + alpha * b, written here, its statistics taken on the way (fdm_add_group_stats_nhwc). b is
@@ -124,8 +125,8 @@ struct AddInto {
   bool b_per_sample;
   int64_t C;
 
-  __device__ __forceinline__ int64_t b_off(int64_t off, int64_t n, int64_t c) const {
-    return b_per_sample ? n * C + c : off;
+  __device__ __forceinline__ int64_t b_off(int64_t row, int64_t n, int64_t c) const {
+    return (b_per_sample ? n : row) * C + c;
   }
   __device__ __forceinline__ Pack<T, V> sum(const Pack<T, V>& pa, const Pack<T, V>& pb) const {
     Pack<T, V> o;
@@ -136,21 +137,48 @@ struct AddInto {
   struct Raw {
     Pack<T, V> a, b;
   };
-  __device__ __forceinline__ Raw fetch(int64_t off, int64_t n, int64_t c) const {
-    return {load_pack_cs<T, V>(a + off),
-            b_per_sample ? load_pack<T, V>(b + b_off(off, n, c)) : load_pack_cs<T, V>(b + off)};
+  __device__ __forceinline__ Raw fetch(int64_t row, int64_t n, int64_t c) const {
+    const T* bp = b + b_off(row, n, c);
+    return {load_pack_cs<T, V>(a + row * C + c), b_per_sample ? load_pack<T, V>(bp) : load_pack_cs<T, V>(bp)};
   }
-  __device__ __forceinline__ void take(Raw& r, int64_t off) const {  // r.a becomes the sum
+  __device__ __forceinline__ void take(Raw& r, int64_t row, int64_t c) const {  // r.a becomes the sum
     r.a = sum(r.a, r.b);
-    store_pack<T, V>(out + off, r.a);
+    store_pack<T, V>(out + row * C + c, r.a);
   }
   static __device__ __forceinline__ const Pack<T, V>& values(const Raw& r) { return r.a; }
-  __device__ __forceinline__ Pack<T, V> peek(int64_t off, int64_t n, int64_t c) const {
-    return sum(load_pack<T, V>(a + off), load_pack<T, V>(b + b_off(off, n, c)));
+  __device__ __forceinline__ Pack<T, V> peek(int64_t row, int64_t n, int64_t c) const {
+    return sum(load_pack<T, V>(a + row * C + c), load_pack<T, V>(b + b_off(row, n, c)));
   }
-  __device__ __forceinline__ float value(int64_t off, int64_t n, int64_t c) const {
-    return to_f32(from_f32<T>(to_f32(a[off]) + alpha * to_f32(b[b_off(off, n, c)])));
+  __device__ __forceinline__ float value(int64_t row, int64_t n, int64_t c) const {
+    return to_f32(from_f32<T>(to_f32(a[row * C + c]) + alpha * to_f32(b[b_off(row, n, c)])));
   }
+};
+
+// ConcatInto: out = [a, b] along the channels (a [N, S, Ca], b [N, S, Cb], out [N, S, Ca + Cb]), written here, its
+// statistics taken on the way (fdm_concat_group_stats_nhwc): the UNet's up blocks, whose resnets' norm1 reads the
+// concatenation. A pack never straddles the two (the vector path needs Ca and Cb whole packs). Inputs read once
+// (evict-first), out kept in L2 for the apply pass.
+template <typename T, int V>
+struct ConcatInto {
+  static constexpr int kMinBlocks = 3;  // one load a pack, as ReadX
+  const T* a;
+  const T* b;
+  T* out;
+  int64_t Ca, Cb;
+
+  __device__ __forceinline__ const T* src(int64_t row, int64_t c) const {
+    return c < Ca ? a + row * Ca + c : b + row * Cb + (c - Ca);
+  }
+  using Raw = Pack<T, V>;
+  __device__ __forceinline__ Raw fetch(int64_t row, int64_t, int64_t c) const { return load_pack_cs<T, V>(src(row, c)); }
+  __device__ __forceinline__ void take(Raw& r, int64_t row, int64_t c) const {
+    store_pack<T, V>(out + row * (Ca + Cb) + c, r);
+  }
+  static __device__ __forceinline__ const Pack<T, V>& values(const Raw& r) { return r; }
+  __device__ __forceinline__ Pack<T, V> peek(int64_t row, int64_t, int64_t c) const {
+    return load_pack<T, V>(src(row, c));
+  }
+  __device__ __forceinline__ float value(int64_t row, int64_t, int64_t c) const { return to_f32(*src(row, c)); }
 };
 
 // Source::kMinBlocks blocks of 256 threads per SM at least. ReadX: 3 (<= 85 registers; at 64 the bf16 kernel spills
@@ -172,8 +200,7 @@ gn_nhwc_stats_kernel(Source src, float* __restrict__ stats, int64_t S, int64_t C
   const bool lane_ok = rl < sh.R;
   const int64_t my_rows = lane_ok ? lane_rows(nr, rl, sh.R) : 0;
   if (lane_ok && ci == 0) cnt[rl] = static_cast<float>(my_rows);
-  const int64_t x0 = n * S * C;                          // row 0 of the sample: the references
-  const int64_t step = static_cast<int64_t>(sh.R) * C;  // elements between a thread's consecutive rows
+  const int64_t x0 = n * S;                              // row 0 of the sample: the references
   const int slab_ch = sh.ct * V;                        // channels per slab
   const int cg = static_cast<int>(C / G);               // channels per group (C < 2^24)
 
@@ -184,22 +211,22 @@ gn_nhwc_stats_kernel(Source src, float* __restrict__ stats, int64_t S, int64_t C
     for (int e = 0; e < V; ++e) mean[e] = m2[e] = 0.f;
     if (lane_ok && col < sh.cols) {
       const int64_t c0 = int64_t{col} * V;
-      const Pack<T, V> rp = src.peek(x0 + c0, n, c0);
+      const Pack<T, V> rp = src.peek(x0, n, c0);
       float ref[V];
 #pragma unroll
       for (int e = 0; e < V; ++e) ref[e] = to_f32(rp.v[e]);
-      int64_t xp = x0 + (r0 + rl) * C + c0;
-      for (int64_t left = my_rows; left > 0; left -= kTile, xp += kTile * step) {
+      int64_t xr = x0 + r0 + rl;  // this thread's next row; its rows are R apart
+      for (int64_t left = my_rows; left > 0; left -= kTile, xr += kTile * sh.R) {
         const int nb = left < kTile ? static_cast<int>(left) : kTile;
         // Every row's loads issued before any is used: the tail's missing rows (k >= nb) read row nb - 1 again
         // instead of branching around a load (a branch per row let the compiler use each row's data, and so wait
         // for it, before issuing the next row's loads).
         typename Source::Raw raw[kTile];
 #pragma unroll
-        for (int k = 0; k < kTile; ++k) raw[k] = src.fetch(xp + (k < nb ? k : nb - 1) * step, n, c0);
+        for (int k = 0; k < kTile; ++k) raw[k] = src.fetch(xr + (k < nb ? k : nb - 1) * sh.R, n, c0);
 #pragma unroll
         for (int k = 0; k < kTile; ++k)
-          if (k < nb) src.take(raw[k], xp + k * step);
+          if (k < nb) src.take(raw[k], xr + k * sh.R, c0);
         const float nbf = static_cast<float>(nb), inv_nb = __fdividef(1.f, nbf);
         // Exact two-pass moments of the tile's nb values per channel, merged into the running ones. The counts
         // are the same for all V channels, so the merge weights are computed once.
@@ -243,7 +270,7 @@ gn_nhwc_stats_kernel(Source src, float* __restrict__ stats, int64_t S, int64_t C
         m = merge(m, Moments{cnt[r], v.x, v.y});
       }
       const int first = ch - ch % cg;  // the group's first channel
-      chan[ch] = make_float2(m.mean + (src.value(x0 + ch, n, ch) - src.value(x0 + first, n, first)), m.m2);
+      chan[ch] = make_float2(m.mean + (src.value(x0, n, ch) - src.value(x0, n, first)), m.m2);
     }
     __syncthreads();  // red is rewritten by the next slab; chan is read below
   }
@@ -423,24 +450,22 @@ int launch_gn_nhwc(const void* x, const void* w, const void* bias, void* y, floa
   const ChunkPlan plan = chunk_plan(S, wave < 1 ? 1 : (wave < chunks ? wave : chunks));  // count <= chunks
   // The stats region is indexed with the launched chunk count (<= the requested one the workspace was sized for).
   launch_dependent(gn_nhwc_stats_kernel<T, V, Src>, dim3(plan.count, static_cast<unsigned>(N)), sh.threads, smem,
-                   stream, Src{static_cast<const T*>(x)}, ws, S, C, G, plan.rpc, plan.count, sh);
+                   stream, Src{static_cast<const T*>(x), C}, ws, S, C, G, plan.rpc, plan.count, sh);
   launch_finalize_apply<T, V>(x, w, bias, y, ws, chunks, plan, N, S, C, G, eps, silu_act, stream);
   return launch_status();
 }
 
-// out = a + alpha * b with the statistics of out, for fdm_group_norm_nhwc_apply: exactly `chunks` chunks a sample
-// (chunk_plan), so that the apply entry, given the same number, finds them.
-template <typename T, int V>
-int launch_add_group_stats(const void* a, const void* b, bool b_per_sample, float alpha, void* out, float* ws,
-                           int chunks, int64_t N, int64_t S, int64_t C, int G, cudaStream_t stream) {
-  using Src = AddInto<T, V>;
+// A producer (AddInto, ConcatInto) writing out [N, S, C] with its statistics, for fdm_group_norm_nhwc_apply: exactly
+// `chunks` chunks a sample (chunk_plan), so that the apply entry, given the same number, finds them.
+template <typename T, int V, typename Src>
+int launch_producer(const Src& src, float* ws, int chunks, int64_t N, int64_t S, int64_t C, int G, const char* entry,
+                    cudaStream_t stream) {
   const RowShape sh = row_shape(C, G, V);
   const size_t smem = stats_smem_bytes(sh, V, C);
   DeviceFacts facts;
   if (const int e = current_device_facts(&facts)) return e;
-  if (const int e = prepare_stats_kernel<T, V, Src>(smem, C, facts, "fdm_add_group_stats_nhwc")) return e;
+  if (const int e = prepare_stats_kernel<T, V, Src>(smem, C, facts, entry)) return e;
   const ChunkPlan plan = chunk_plan(S, chunks);
-  const Src src{static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), alpha, b_per_sample, C};
   launch_dependent(gn_nhwc_stats_kernel<T, V, Src>, dim3(plan.count, static_cast<unsigned>(N)), sh.threads, smem,
                    stream, src, ws, S, C, G, plan.rpc, plan.count, sh);
   return launch_status();
@@ -542,17 +567,51 @@ FDM_API int fdm_add_group_stats_nhwc(const void* a, const void* b, int b_per_sam
   FDM_DISPATCH_FLOAT(dtype, {
     using T = scalar_t;
     constexpr int V = vec16<T>();
-    const bool vec = C % V == 0 && aligned16(a) && aligned16(b) && aligned16(out);
+    auto at = static_cast<const T*>(a);
+    auto bt = static_cast<const T*>(b);
+    auto ot = static_cast<T*>(out);
     auto wsf = static_cast<float*>(ws);
-    return vec ? launch_add_group_stats<T, V>(a, b, b_per_sample != 0, alpha, out, wsf, chunks, N, S, C, G, stream)
-               : launch_add_group_stats<T, 1>(a, b, b_per_sample != 0, alpha, out, wsf, chunks, N, S, C, G, stream);
+    if (C % V == 0 && aligned16(a) && aligned16(b) && aligned16(out))
+      return launch_producer<T, V>(AddInto<T, V>{at, bt, ot, alpha, b_per_sample != 0, C}, wsf, chunks, N, S, C, G,
+                                   kEntry, stream);
+    return launch_producer<T, 1>(AddInto<T, 1>{at, bt, ot, alpha, b_per_sample != 0, C}, wsf, chunks, N, S, C, G,
+                                 kEntry, stream);
+  });
+  return 0;
+}
+
+// out = [a, b] concatenated along the channels (a [N, S, Ca], b [N, S, Cb], out [N, S, Ca + Cb], contiguous, out
+// not overlapping a or b) and the per-(sample, group) statistics of out in the workspace, as fdm_add_group_stats_nhwc
+// leaves them (the same ws size, chunks and apply entry, with C = Ca + Cb).
+FDM_API int fdm_concat_group_stats_nhwc(const void* a, const void* b, int64_t Ca, int64_t Cb, void* out, void* ws,
+                                        int64_t ws_elems, int chunks, int64_t N, int64_t S, int G, int dtype,
+                                        cudaStream_t stream) {
+  constexpr const char* kEntry = "fdm_concat_group_stats_nhwc";
+  if (Ca < 0 || Cb < 0) return arg_error("%s: negative channel count (Ca=%lld, Cb=%lld)", kEntry, (long long)Ca,
+                                         (long long)Cb);
+  const int64_t C = Ca + Cb;
+  if (const int e = check_nhwc_sizes(kEntry, N, S, C, G, chunks)) return e;
+  if (N == 0 || S == 0 || C == 0) return 0;
+  if ((Ca && !a) || (Cb && !b) || !out || !ws) return arg_error("%s: a, b, out and ws are required", kEntry);
+  if (const int e = check_nhwc_workspace(kEntry, N, C, G, chunks, ws_elems)) return e;
+  FDM_DISPATCH_FLOAT(dtype, {
+    using T = scalar_t;
+    constexpr int V = vec16<T>();
+    auto at = static_cast<const T*>(a);
+    auto bt = static_cast<const T*>(b);
+    auto ot = static_cast<T*>(out);
+    auto wsf = static_cast<float*>(ws);
+    if (Ca % V == 0 && Cb % V == 0 && aligned16(a) && aligned16(b) && aligned16(out))
+      return launch_producer<T, V>(ConcatInto<T, V>{at, bt, ot, Ca, Cb}, wsf, chunks, N, S, C, G, kEntry, stream);
+    return launch_producer<T, 1>(ConcatInto<T, 1>{at, bt, ot, Ca, Cb}, wsf, chunks, N, S, C, G, kEntry, stream);
   });
   return 0;
 }
 
 // GroupNorm (+ SiLU) of channels-last x [N, S, C] whose statistics a producer already left in ws
-// (fdm_add_group_stats_nhwc with the same ws, chunks, N, S, C and G, x being its out): the finalize and apply
-// kernels only, one read of x and one write of y. Arguments otherwise as fdm_group_norm_nhwc's.
+// (fdm_add_group_stats_nhwc or fdm_concat_group_stats_nhwc with the same ws, chunks, N, S, C and G, x being its
+// out): the finalize and apply kernels only, one read of x and one write of y. Arguments otherwise as
+// fdm_group_norm_nhwc's.
 FDM_API int fdm_group_norm_nhwc_apply(const void* x, const void* w, const void* b, void* y, void* ws,
                                       int64_t ws_elems, int chunks, int64_t N, int64_t S, int64_t C, int G, float eps,
                                       int silu, int dtype, cudaStream_t stream) {

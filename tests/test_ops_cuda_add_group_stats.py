@@ -1,5 +1,6 @@
-"""ops.cuda add_group_stats + group_norm(stats=) (kernels/group_norm_nhwc.cu: fdm_add_group_stats_nhwc and
-fdm_group_norm_nhwc_apply) against ops.cuda add and ops.cpu group_norm.
+"""ops.cuda add_group_stats / concat_group_stats + group_norm(stats=) (kernels/group_norm_nhwc.cu:
+fdm_add_group_stats_nhwc, fdm_concat_group_stats_nhwc, fdm_group_norm_nhwc_apply) against ops.cuda add / concat and
+ops.cpu group_norm.
 
 add_group_stats writes a + alpha * b and the group moments of what it wrote; group_norm(..., stats=) then runs only
 the finalize and apply kernels. The sum must be ops.add's bit for bit, and the GroupNorm of it must match the float32
@@ -178,3 +179,53 @@ def test_kernel_checks_workspace_size(rng):
     with pytest.raises(CudaError, match="required"):
         kernels.call("fdm_add_group_stats_nhwc", a.data_ptr, None, 0, 1.0, out.data_ptr, ws.data_ptr, need, chunks,
                      n, s, c, g, a.dtype.code, st)
+
+
+# (a's and b's shapes' last dims, spatial, groups): the UNet's up-block concatenations, a pack boundary inside a group,
+# channel counts that are not whole packs (the scalar path), and a tall tensor split into many chunks
+CONCAT = [(640, 320, (2, 16, 16), 32), (320, 320, (2, 9, 7), 32), (12, 20, (2, 5, 7), 8), (8, 24, (1, 3, 3), 4),
+          (1280, 640, (2, 8, 8), 32), (64, 64, (2, 4099), 8)]
+
+
+@pytest.fixture
+def concat_stats_always(monkeypatch):
+    """concat_group_stats takes statistics from _CONCAT_STATS_MIN_BYTES up only; here the kernel runs at any size."""
+    from fastdm.runtime.ops.cuda import norms
+
+    monkeypatch.setattr(norms, "_CONCAT_STATS_MIN_BYTES", 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ca,cb,spatial,groups", CONCAT, ids=[f"{a}+{b}-{'x'.join(map(str, s))}-g{g}"
+                                                              for a, b, s, g in CONCAT])
+def test_concat_group_stats_then_group_norm(rng, concat_stats_always, dtype, ca, cb, spatial, groups):
+    a = gpu(rand(rng, dtype, *spatial, ca, scale=2.0, shift=0.5))
+    b = gpu(rand(rng, dtype, *spatial, cb, scale=0.5, shift=-1.0))
+    c = ca + cb
+    w, bias = gpu(rand(rng, dtype, c, shift=1.0)), gpu(rand(rng, dtype, c))
+    out, stats = poisoned(ops.concat_group_stats, a, b, groups)
+    assert np.array_equal(bits(out), bits(oc().concat([a, b], axis=-1))), "the concatenation differs from ops.concat's"
+    y = poisoned(ops.group_norm, out, groups, w, bias, eps=1e-5, activation="silu", channels_last=True, stats=stats)
+    ref = cpu.group_norm(out.numpy(), w.numpy(), bias.numpy(), num_groups=groups, eps=1e-5, activation="silu",
+                         channels_last=True)
+    check(y, ref, dtype)
+    assert stats.payload is not None
+
+
+@pytest.mark.parametrize("spatial,taken", [((2, 64, 64), True), ((2, 8, 8), False)], ids=["15.7MB", "small"])
+def test_concat_statistics_only_where_they_pay(rng, spatial, taken):
+    """From 12 MiB of result the concatenation takes the statistics; under it the GroupNorm takes its own. The
+    output is right either way."""
+    a, b = gpu(rand(rng, "bfloat16", *spatial, 640, shift=0.5)), gpu(rand(rng, "bfloat16", *spatial, 320))
+    out, stats = ops.concat_group_stats(a, b, 32)
+    assert (stats.payload is not None) == taken
+    y = ops.group_norm(out, 32, activation="silu", channels_last=True, stats=stats)
+    check(y, cpu.group_norm(out.numpy(), num_groups=32, activation="silu", channels_last=True), "bfloat16")
+
+
+def test_concat_rejects_bad_input(rng):
+    a = gpu(rand(rng, "float32", 2, 3, 4, 12))
+    with pytest.raises(ShapeError, match="same N and spatial"):
+        ops.concat_group_stats(a, gpu(rand(rng, "float32", 2, 3, 5, 12)), 4)
+    with pytest.raises(ShapeError, match="groups"):
+        ops.concat_group_stats(a, a, 5)

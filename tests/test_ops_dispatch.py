@@ -71,6 +71,7 @@ def cases(rng, dtype):
         ("softmax", (r(3, 17),), {"axis": 0}),
         ("add", (r(2, 3, 17), r(17)), {"alpha": -0.5}),
         ("add_group_stats", (r(2, 3, 3, 6), r(2, 1, 1, 6)), {"num_groups": 3, "alpha": 0.5}),
+        ("concat_group_stats", (r(2, 3, 3, 6), r(2, 3, 3, 3)), {"num_groups": 3}),
         ("add", (r(2, 3, 17), 2.5), {}),
         ("mul", (r(2, 3, 17), r(2, 1, 17)), {}),
         ("mul", (r(4, 3), 3.0), {}),
@@ -108,7 +109,7 @@ def test_cpu_tensors_give_ops_cpu_results(rng, dtype):
     for name, args, kwargs in cases(rng, dtype):
         want = getattr(cpu, name)(*args, **kwargs)
         got = getattr(ops, name)(*[wrap(a) for a in args], **{k: wrap(v) for k, v in kwargs.items()})
-        if name == "add_group_stats":  # (sum, statistics): the statistics are tested in test_ops_group_stats.py
+        if name.endswith("_group_stats"):  # (result, statistics): the statistics are tested in test_ops_group_stats.py
             assert isinstance(got[1], ops.GroupStats) and got[1].of is got[0], name
             want, got = want[0], got[0]
         if isinstance(want, tuple):  # qk_norm_rope: (q, k, v)

@@ -69,3 +69,21 @@ def test_rejects_bad_input(rng):
         ops.group_norm(out, 4, stats=stats)
     with pytest.raises(ShapeError, match="GroupStats"):
         ops.group_norm(out, 4, channels_last=True, stats=stats.payload)
+
+
+@pytest.mark.parametrize("ca,cb,groups", [(6, 18, 6), (5, 3, 4), (8, 0, 2)])
+def test_concat_stats_give_group_norm_of_the_concatenation(rng, ca, cb, groups):
+    a, b = randn(rng, 2, 4, 5, ca) + 0.5, randn(rng, 2, 4, 5, cb, scale=3.0)
+    out, stats = cpu.concat_group_stats(a, b, num_groups=groups)
+    assert np.array_equal(out, np.concatenate([a, b], axis=-1))
+    y = cpu.group_norm(out, num_groups=groups, activation="silu", channels_last=True, stats=stats)
+    ref = cpu.group_norm(out, num_groups=groups, activation="silu", channels_last=True)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_concat_rejects_bad_input(rng):
+    a = Tensor.from_numpy(randn(rng, 2, 3, 3, 8))
+    with pytest.raises(ShapeError, match="same N and spatial"):
+        ops.concat_group_stats(a, Tensor.from_numpy(randn(rng, 2, 3, 4, 8)), 4)
+    with pytest.raises(ShapeError, match="groups"):
+        ops.concat_group_stats(a, a, 5)

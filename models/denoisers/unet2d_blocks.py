@@ -336,8 +336,9 @@ class UpBlock(_Block):
                  size: Sequence[int] | None) -> Tensor:
         # skips: this block's len(resnets) skip tensors, in the order the down path made them
         for i in range(len(self.resnets)):
-            x = ops.concat([x, skips[-1 - i]], axis=3)  # [B, H, W, C + C_skip]
-            x, _ = self._layer(i, x, silu_temb, kvs)
+            # [B, H, W, C + C_skip], with the statistics of the resnet's norm1, which reads it
+            x, stats = ops.concat_group_stats(x, skips[-1 - i], self.groups)
+            x, _ = self._layer(i, x, silu_temb, kvs, stats)
         if self.upsampler is not None:
             x = self.upsampler(x, size)
         return x

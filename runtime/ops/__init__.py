@@ -165,6 +165,15 @@ def add_group_stats(a: Tensor, b: Tensor, num_groups: int | None,
     return out, GroupStats(out, num_groups, payload)
 
 
+def concat_group_stats(a: Tensor, b: Tensor, num_groups: int) -> tuple[Tensor, GroupStats]:
+    """concat([a, b], axis=-1) of channels-last a [N, *spatial, Ca] and b [N, *spatial, Cb] (what concat returns),
+    and the moments of the result's num_groups channel groups for group_norm(result, ..., stats=...). On the GPU a
+    result under 12 MiB comes without them (the GroupStats' payload is None; group_norm then takes its own, which is
+    faster there)."""
+    out, payload = _dispatch("concat_group_stats", a, b, num_groups=num_groups)
+    return out, GroupStats(out, num_groups, payload)
+
+
 # ------------------------------------------------------------------------------------- positions and time
 def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = True) -> Tensor:
     """Rotary embedding. x: [B, S, H, D]; cos, sin: [S, D/2] float32 (frequency i of position s).

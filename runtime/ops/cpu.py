@@ -566,17 +566,37 @@ def add_group_stats(a, b, *, num_groups: int, alpha: float = 1.0) -> tuple[np.nd
     of the result's num_groups channel groups per sample, for group_norm(..., stats=)."""
     a = _float(a, "ops.add_group_stats: a")
     _check(a.ndim >= 2, f"ops.add_group_stats: a must be channels-last [N, *spatial, C], got {a.shape}")
-    n, c = a.shape[0], a.shape[-1]
-    if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
-        raise InvalidArgumentError(f"ops.add_group_stats: num_groups must be an int >= 1, got {num_groups!r}")
-    _check(c % num_groups == 0, f"ops.add_group_stats: {c} channels do not split into {num_groups} groups")
+    _check_groups("add_group_stats", a.shape[-1], num_groups)
     b = _float(b, "ops.add_group_stats: b")
     _check(b.shape in (a.shape, per_sample_shape(a.shape)),
            f"ops.add_group_stats: b must have a's shape {a.shape} or one row a sample {per_sample_shape(a.shape)}, "
            f"got {b.shape}; use ops.add for other broadcasts")
     out = add(a, b, alpha)
-    groups = out.astype(f64).reshape(n, -1, num_groups, c // num_groups)
-    return out, GroupMoments(groups.mean(axis=(1, 3)), groups.var(axis=(1, 3)))
+    return out, _group_moments(out, num_groups)
+
+
+def _check_groups(op: str, c: int, num_groups) -> None:
+    if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
+        raise InvalidArgumentError(f"ops.{op}: num_groups must be an int >= 1, got {num_groups!r}")
+    _check(c % num_groups == 0, f"ops.{op}: {c} channels do not split into {num_groups} groups")
+
+
+def _group_moments(out: np.ndarray, num_groups: int) -> GroupMoments:
+    """The moments of each (sample, group) of channels-last `out` [N, *spatial, C], float64."""
+    groups = out.astype(f64).reshape(out.shape[0], -1, num_groups, out.shape[-1] // num_groups)
+    return GroupMoments(groups.mean(axis=(1, 3)), groups.var(axis=(1, 3)))
+
+
+def concat_group_stats(a, b, *, num_groups: int) -> tuple[np.ndarray, GroupMoments]:
+    """concat([a, b], axis=-1) of channels-last a [N, *spatial, Ca] and b [N, *spatial, Cb] and the moments of the
+    result's num_groups channel groups per sample, for group_norm(..., stats=)."""
+    a, b = np.asarray(a), np.asarray(b)
+    _check(a.ndim >= 2 and b.ndim == a.ndim and a.shape[:-1] == b.shape[:-1],
+           f"ops.concat_group_stats: a and b must be channels-last [N, *spatial, C] with the same N and spatial "
+           f"sizes, got {a.shape} and {b.shape}")
+    _check_groups("concat_group_stats", a.shape[-1] + b.shape[-1], num_groups)
+    out = concat([a, b], axis=-1)
+    return out, _group_moments(out, num_groups)
 
 
 def mul(a, b) -> np.ndarray:

@@ -18,6 +18,7 @@ from ._common import (
     rows_layout,
     stream,
 )
+from .layout import concat
 
 # Bytes of x in the smallest GroupNorm piece (32 KiB: one tile of 512 threads x 4 packs of 16 bytes). This sizes the
 # workspace (statistics of every piece); the kernels run fewer, longer pieces when that keeps their grid to one
@@ -233,6 +234,12 @@ def _group_norm_nhwc(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_
 # Statistics blocks per SM of fdm_add_group_stats_nhwc over the batch: one wave at the 2 blocks of 256 threads an SM
 # its kernel is built for (__launch_bounds__ in kernels/group_norm_nhwc.cu).
 _ADD_STATS_BLOCKS_PER_SM = 2
+_CONCAT_STATS_BLOCKS_PER_SM = 3  # fdm_concat_group_stats_nhwc: one load a pack, 3 blocks an SM as GroupNorm's own
+# Under this many bytes of concatenation the statistics are not taken: concat + GroupNorm pairs of the SDXL UNet's
+# up blocks, H100, us, without / with them: [2,32,32,1280+1280] 24.1 / 32.1 and [2,32,32,1280+640] 20.8 / 22.9
+# (wide rows, few rows a chunk: the statistics kernel's per-block merge dominates), [2,64,64,640+320] (15.7 MB) 32.6 /
+# 31.3, [2,64,64,1280+640] 53.9 / 53.1, [2,128,128,640+320] 123.1 / 102.6 (the GroupNorm's three-kernel path).
+_CONCAT_STATS_MIN_BYTES = 12 << 20
 
 
 def add_group_stats(a: Tensor, b: Tensor, *, num_groups: int, alpha: float = 1.0) -> tuple[Tensor, NhwcGroupStats]:
@@ -261,6 +268,36 @@ def add_group_stats(a: Tensor, b: Tensor, *, num_groups: int, alpha: float = 1.0
     if a.numel:
         call("fdm_add_group_stats_nhwc", a.data_ptr, b.data_ptr, int(b.shape != a.shape), float(alpha), out.data_ptr,
              ws.data_ptr, ws.numel, chunks, n, s, c, num_groups, a.dtype.code, stream(device))
+    return out, NhwcGroupStats(ws, chunks, (n, s, c))
+
+
+def concat_group_stats(a: Tensor, b: Tensor, *, num_groups: int) -> tuple[Tensor, NhwcGroupStats | None]:
+    """concat([a, b], axis=-1) of channels-last a [N, *spatial, Ca] and b [N, *spatial, Cb] and the per-chunk moments
+    of the result's groups (kernels/group_norm_nhwc.cu), for group_norm(..., stats=); None instead of the moments
+    under _CONCAT_STATS_MIN_BYTES of result (the GroupNorm then takes its own)."""
+    device = gpu_device("concat_group_stats", a, b)
+    check_float("concat_group_stats", a, "a")
+    check_same_dtype("concat_group_stats", a, b, "b")
+    if a.ndim < 2 or b.ndim != a.ndim or a.shape[:-1] != b.shape[:-1]:
+        raise ShapeError(f"ops.concat_group_stats: a and b must be channels-last [N, *spatial, C] with the same N and "
+                         f"spatial sizes, got {a.shape} and {b.shape}")
+    n, ca, cb = a.shape[0], a.shape[-1], b.shape[-1]
+    c = ca + cb
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise InvalidArgumentError(f"ops.concat_group_stats: num_groups must be an int >= 1, got {num_groups!r}")
+    if c % num_groups:
+        raise ShapeError(f"ops.concat_group_stats: {c} channels do not split into {num_groups} groups")
+    _check_nhwc_batch("concat_group_stats", n)
+    if (a.numel + b.numel) * a.itemsize < _CONCAT_STATS_MIN_BYTES:
+        return concat([a, b], axis=a.ndim - 1), None
+    a, b = contig(a), contig(b)
+    out = empty(a.shape[:-1] + (c,), a.dtype, device)
+    s = out.numel // max(n * c, 1)
+    chunks = nhwc_chunks(n, s, c * a.itemsize, device.multiprocessor_count, _CONCAT_STATS_BLOCKS_PER_SM)
+    ws = empty((nhwc_workspace_elems(n, c, num_groups, chunks),), dtypes.float32, device)
+    if out.numel:
+        call("fdm_concat_group_stats_nhwc", a.data_ptr, b.data_ptr, ca, cb, out.data_ptr, ws.data_ptr, ws.numel, chunks,
+             n, s, num_groups, a.dtype.code, stream(device))
     return out, NhwcGroupStats(ws, chunks, (n, s, c))
 
 

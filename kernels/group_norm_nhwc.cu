@@ -38,6 +38,7 @@
 // GroupNorm itself is the finalize and apply kernels only: one read of x and one write of y with no dependency
 // between them. The producer runs exactly `chunks` chunks (ceil(S / ceil(S / chunks))), which the apply entry,
 // given the same number, finds again.
+#include <initializer_list>
 #include <type_traits>
 
 #include "gemm.cuh"  // current_device_facts
@@ -471,6 +472,27 @@ int launch_producer(const Src& src, float* ws, int chunks, int64_t N, int64_t S,
   return launch_status();
 }
 
+// A producer entry's dtype and vector dispatch: Src<T, V>{a, b, out, fields...} (AddInto, ConcatInto), 16-byte packs
+// where every one of `widths` (channel counts whose rows the packs walk) is whole packs and a, b, out are aligned.
+template <template <typename, int> class Src, typename... Fields>
+int run_producer(int dtype, std::initializer_list<int64_t> widths, const void* a, const void* b, void* out, void* ws,
+                 int chunks, int64_t N, int64_t S, int64_t C, int G, const char* entry, cudaStream_t stream,
+                 Fields... fields) {
+  FDM_DISPATCH_FLOAT(dtype, {
+    using T = scalar_t;
+    constexpr int V = vec16<T>();
+    auto at = static_cast<const T*>(a);
+    auto bt = static_cast<const T*>(b);
+    auto ot = static_cast<T*>(out);
+    auto wsf = static_cast<float*>(ws);
+    bool vec = aligned16(a) && aligned16(b) && aligned16(out);
+    for (const int64_t w : widths) vec = vec && w % V == 0;
+    if (vec) return launch_producer<T, V>(Src<T, V>{at, bt, ot, fields...}, wsf, chunks, N, S, C, G, entry, stream);
+    return launch_producer<T, 1>(Src<T, 1>{at, bt, ot, fields...}, wsf, chunks, N, S, C, G, entry, stream);
+  });
+  return 0;
+}
+
 // The size checks the channels-last entries share (before their empty-tensor return); 0 when the sizes are fine.
 int check_nhwc_sizes(const char* entry, int64_t N, int64_t S, int64_t C, int G, int chunks) {
   if (N < 0 || S < 0 || C < 0)
@@ -564,20 +586,8 @@ FDM_API int fdm_add_group_stats_nhwc(const void* a, const void* b, int b_per_sam
   if (N == 0 || S == 0 || C == 0) return 0;
   if (!a || !b || !out || !ws) return arg_error("%s: a, b, out and ws are required", kEntry);
   if (const int e = check_nhwc_workspace(kEntry, N, C, G, chunks, ws_elems)) return e;
-  FDM_DISPATCH_FLOAT(dtype, {
-    using T = scalar_t;
-    constexpr int V = vec16<T>();
-    auto at = static_cast<const T*>(a);
-    auto bt = static_cast<const T*>(b);
-    auto ot = static_cast<T*>(out);
-    auto wsf = static_cast<float*>(ws);
-    if (C % V == 0 && aligned16(a) && aligned16(b) && aligned16(out))
-      return launch_producer<T, V>(AddInto<T, V>{at, bt, ot, alpha, b_per_sample != 0, C}, wsf, chunks, N, S, C, G,
-                                   kEntry, stream);
-    return launch_producer<T, 1>(AddInto<T, 1>{at, bt, ot, alpha, b_per_sample != 0, C}, wsf, chunks, N, S, C, G,
-                                 kEntry, stream);
-  });
-  return 0;
+  return run_producer<AddInto>(dtype, {C}, a, b, out, ws, chunks, N, S, C, G, kEntry, stream, alpha, b_per_sample != 0,
+                               C);
 }
 
 // out = [a, b] concatenated along the channels (a [N, S, Ca], b [N, S, Cb], out [N, S, Ca + Cb], contiguous, out
@@ -594,18 +604,7 @@ FDM_API int fdm_concat_group_stats_nhwc(const void* a, const void* b, int64_t Ca
   if (N == 0 || S == 0 || C == 0) return 0;
   if ((Ca && !a) || (Cb && !b) || !out || !ws) return arg_error("%s: a, b, out and ws are required", kEntry);
   if (const int e = check_nhwc_workspace(kEntry, N, C, G, chunks, ws_elems)) return e;
-  FDM_DISPATCH_FLOAT(dtype, {
-    using T = scalar_t;
-    constexpr int V = vec16<T>();
-    auto at = static_cast<const T*>(a);
-    auto bt = static_cast<const T*>(b);
-    auto ot = static_cast<T*>(out);
-    auto wsf = static_cast<float*>(ws);
-    if (Ca % V == 0 && Cb % V == 0 && aligned16(a) && aligned16(b) && aligned16(out))
-      return launch_producer<T, V>(ConcatInto<T, V>{at, bt, ot, Ca, Cb}, wsf, chunks, N, S, C, G, kEntry, stream);
-    return launch_producer<T, 1>(ConcatInto<T, 1>{at, bt, ot, Ca, Cb}, wsf, chunks, N, S, C, G, kEntry, stream);
-  });
-  return 0;
+  return run_producer<ConcatInto>(dtype, {Ca, Cb}, a, b, out, ws, chunks, N, S, C, G, kEntry, stream, Ca, Cb);
 }
 
 // GroupNorm (+ SiLU) of channels-last x [N, S, C] whose statistics a producer already left in ws

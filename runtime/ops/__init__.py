@@ -121,9 +121,9 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
 
 
 class GroupStats:
-    """The moments of each (sample, channel group) of one channels-last tensor, made by add_group_stats while it
-    wrote that tensor, for a group_norm of it that then reads it once instead of twice. They describe the values
-    the tensor held when it was made: do not pass them after writing into it."""
+    """The moments of each (sample, channel group) of one channels-last tensor, made by add_group_stats or
+    concat_group_stats while they wrote that tensor, for a group_norm of it that then reads it once instead of twice.
+    They describe the values the tensor held when it was made: do not pass them after writing into it."""
 
     def __init__(self, of: Tensor, num_groups: int, payload):
         self.of = of  # the tensor they describe
@@ -135,15 +135,16 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: T
                eps: float = 1e-5, activation: Activation = None, channels_last: bool = False,
                stats: GroupStats | None = None) -> Tensor:
     """GroupNorm over [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu".
-    channels_last=True: x is [N, *spatial, C]. stats: x's moments from add_group_stats (channels_last only)."""
+    channels_last=True: x is [N, *spatial, C]. stats: x's moments from add_group_stats or concat_group_stats
+    (channels_last only)."""
     payload = None
     if stats is not None:
         if not isinstance(stats, GroupStats):
-            raise ShapeError(f"ops.group_norm: stats must be the GroupStats ops.add_group_stats returned, got "
-                             f"{type(stats).__name__}")
+            raise ShapeError(f"ops.group_norm: stats must be the GroupStats ops.add_group_stats or "
+                             f"ops.concat_group_stats returned, got {type(stats).__name__}")
         if stats.of is not x:
-            raise ShapeError("ops.group_norm: stats describe another tensor; pass the tensor add_group_stats returned "
-                             "with them (not a copy or a view of it)")
+            raise ShapeError("ops.group_norm: stats describe another tensor; pass the tensor returned with them (not "
+                             "a copy or a view of it)")
         if not channels_last:
             raise ShapeError("ops.group_norm: stats are for channels-last tensors; pass channels_last=True")
         if stats.num_groups != num_groups:

@@ -364,9 +364,15 @@ def rms_norm(x, weight=None, eps: float = 1e-6) -> np.ndarray:
     return y.astype(f32)
 
 
+def _check_groups(op: str, c: int, num_groups) -> None:
+    if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
+        raise InvalidArgumentError(f"ops.{op}: num_groups must be an int >= 1, got {num_groups!r}")
+    _check(c % num_groups == 0, f"ops.{op}: {c} channels do not split into {num_groups} groups")
+
+
 class GroupMoments:
     """The CPU backend's payload of ops.GroupStats: mean and variance (biased) of each (sample, group), float64
-    [N, G] each, of the float32 tensor add_group_stats returned."""
+    [N, G] each, of the tensor add_group_stats or concat_group_stats returned."""
 
     def __init__(self, mean: np.ndarray, var: np.ndarray):
         self.mean, self.var = mean, var
@@ -377,7 +383,8 @@ def group_norm(x, weight=None, bias=None, *, num_groups: int, eps: float = 1e-5,
                stats: GroupMoments | None = None) -> np.ndarray:
     """GroupNorm over [N, C, *spatial] (C split into num_groups), per-channel affine, then optional "silu"
     (channels_last: x is [N, *spatial, C]). num_groups is keyword-only here because ops.group_norm passes it that
-    way. stats: x's group moments from add_group_stats (channels_last only), used instead of x's own."""
+    way. stats: x's group moments from add_group_stats or concat_group_stats (channels_last only), used instead of
+    x's own."""
     x = _float(x, "ops.group_norm: x")
     if channels_last:
         _check(x.ndim >= 2, f"ops.group_norm: x must be [N, *spatial, C] (channels_last), got {x.shape}")
@@ -386,15 +393,13 @@ def group_norm(x, weight=None, bias=None, *, num_groups: int, eps: float = 1e-5,
                        stats=stats)
         return np.ascontiguousarray(y.transpose(np.argsort(order)))
     _check(stats is None or isinstance(stats, GroupMoments),
-           "ops.group_norm: stats must come from ops.add_group_stats")
+           "ops.group_norm: stats must come from ops.add_group_stats or ops.concat_group_stats")
     weight = _float_or_none(weight, "ops.group_norm: weight")
     bias = _float_or_none(bias, "ops.group_norm: bias")
     _check_activation(activation, (None, "silu"), "group_norm")
     _check(x.ndim >= 2, f"ops.group_norm: x must be [N, C, *spatial], got {x.shape}")
     n, c = x.shape[:2]
-    if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
-        raise InvalidArgumentError(f"ops.group_norm: num_groups must be an int >= 1, got {num_groups!r}")
-    _check(c % num_groups == 0, f"ops.group_norm: {c} channels do not split into {num_groups} groups")
+    _check_groups("group_norm", c, num_groups)
     _check_vector(weight, c, "ops.group_norm: weight")
     _check_vector(bias, c, "ops.group_norm: bias")
     eps = _scalar(eps, "eps")
@@ -573,12 +578,6 @@ def add_group_stats(a, b, *, num_groups: int, alpha: float = 1.0) -> tuple[np.nd
            f"got {b.shape}; use ops.add for other broadcasts")
     out = add(a, b, alpha)
     return out, _group_moments(out, num_groups)
-
-
-def _check_groups(op: str, c: int, num_groups) -> None:
-    if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
-        raise InvalidArgumentError(f"ops.{op}: num_groups must be an int >= 1, got {num_groups!r}")
-    _check(c % num_groups == 0, f"ops.{op}: {c} channels do not split into {num_groups} groups")
 
 
 def _group_moments(out: np.ndarray, num_groups: int) -> GroupMoments:

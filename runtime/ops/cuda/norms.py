@@ -41,6 +41,14 @@ def _rows(x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
     return x, layout
 
 
+def _check_groups(op: str, c: int, num_groups, where: str = "") -> None:
+    """num_groups an int >= 1 that splits the c channels (`where` says which dim they are)."""
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise InvalidArgumentError(f"ops.{op}: num_groups must be an int >= 1, got {num_groups!r}")
+    if c % num_groups:
+        raise ShapeError(f"ops.{op}: {c} channels{where} do not split into {num_groups} groups")
+
+
 def _vector(op: str, v: Tensor | None, n: int, x: Tensor, name: str) -> Tensor | None:
     """A per-feature vector (weight, bias) of shape [n] in x's dtype, contiguous."""
     if v is None:
@@ -140,11 +148,7 @@ def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         layout = "[N, *spatial, C] (channels_last)" if channels_last else "[N, C, *spatial]"
         raise ShapeError(f"ops.group_norm: x must be {layout}, got {x.shape}")
     n, c = x.shape[0], x.shape[-1 if channels_last else 1]
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-        raise InvalidArgumentError(f"ops.group_norm: num_groups must be an int >= 1, got {num_groups!r}")
-    if c % num_groups:
-        where = " (the last dim of x [N, *spatial, C])" if channels_last else ""
-        raise ShapeError(f"ops.group_norm: {c} channels{where} do not split into {num_groups} groups")
+    _check_groups("group_norm", c, num_groups, " (the last dim of x [N, *spatial, C])" if channels_last else "")
     if channels_last:
         return _group_norm_nhwc(x, weight, bias, num_groups, eps, activation, device, stats)
     if stats is not None:
@@ -251,10 +255,7 @@ def add_group_stats(a: Tensor, b: Tensor, *, num_groups: int, alpha: float = 1.0
     if a.ndim < 2:
         raise ShapeError(f"ops.add_group_stats: a must be channels-last [N, *spatial, C], got {a.shape}")
     n, c = a.shape[0], a.shape[-1]
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-        raise InvalidArgumentError(f"ops.add_group_stats: num_groups must be an int >= 1, got {num_groups!r}")
-    if c % num_groups:
-        raise ShapeError(f"ops.add_group_stats: {c} channels do not split into {num_groups} groups")
+    _check_groups("add_group_stats", c, num_groups)
     per_sample = (n,) + (1,) * (a.ndim - 2) + (c,)
     if b.shape not in (a.shape, per_sample):
         raise ShapeError(f"ops.add_group_stats: b must have a's shape {a.shape} or one row a sample {per_sample}, "
@@ -283,10 +284,7 @@ def concat_group_stats(a: Tensor, b: Tensor, *, num_groups: int) -> tuple[Tensor
                          f"spatial sizes, got {a.shape} and {b.shape}")
     n, ca, cb = a.shape[0], a.shape[-1], b.shape[-1]
     c = ca + cb
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-        raise InvalidArgumentError(f"ops.concat_group_stats: num_groups must be an int >= 1, got {num_groups!r}")
-    if c % num_groups:
-        raise ShapeError(f"ops.concat_group_stats: {c} channels do not split into {num_groups} groups")
+    _check_groups("concat_group_stats", c, num_groups)
     _check_nhwc_batch("concat_group_stats", n)
     if (a.numel + b.numel) * a.itemsize < _CONCAT_STATS_MIN_BYTES:
         return concat([a, b], axis=a.ndim - 1), None

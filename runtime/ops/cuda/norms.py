@@ -7,6 +7,7 @@ from ... import dtypes
 from ...cuda import Device
 from ...errors import InvalidArgumentError, ShapeError, UnsupportedDtypeError
 from ...tensor import Tensor, empty
+from .. import cpu
 from ._common import (
     call,
     check_float,
@@ -246,6 +247,14 @@ _CONCAT_STATS_BLOCKS_PER_SM = 3  # fdm_concat_group_stats_nhwc: one load a pack,
 _CONCAT_STATS_MIN_BYTES = 12 << 20
 
 
+def _producer_workspace(device: Device, n: int, s: int, c: int, num_groups: int, itemsize: int,
+                        blocks_per_sm: int) -> tuple[Tensor, int]:
+    """A statistics producer's workspace for out [n, s, c] and the exact chunk count it runs (nhwc_chunks at
+    blocks_per_sm), both carried to the apply pass in NhwcGroupStats."""
+    chunks = nhwc_chunks(n, s, c * itemsize, device.multiprocessor_count, blocks_per_sm)
+    return empty((nhwc_workspace_elems(n, c, num_groups, chunks),), dtypes.float32, device), chunks
+
+
 def add_group_stats(a: Tensor, b: Tensor, *, num_groups: int, alpha: float = 1.0) -> tuple[Tensor, NhwcGroupStats]:
     """add(a, b, alpha) of channels-last a [N, *spatial, C] (b: a's shape or [N, 1, ..., 1, C]) and the per-chunk
     moments of the result's groups (kernels/group_norm_nhwc.cu), for group_norm(..., stats=)."""
@@ -256,7 +265,7 @@ def add_group_stats(a: Tensor, b: Tensor, *, num_groups: int, alpha: float = 1.0
         raise ShapeError(f"ops.add_group_stats: a must be channels-last [N, *spatial, C], got {a.shape}")
     n, c = a.shape[0], a.shape[-1]
     _check_groups("add_group_stats", c, num_groups)
-    per_sample = (n,) + (1,) * (a.ndim - 2) + (c,)
+    per_sample = cpu.per_sample_shape(a.shape)
     if b.shape not in (a.shape, per_sample):
         raise ShapeError(f"ops.add_group_stats: b must have a's shape {a.shape} or one row a sample {per_sample}, "
                          f"got {b.shape}; use ops.add for other broadcasts")
@@ -264,8 +273,7 @@ def add_group_stats(a: Tensor, b: Tensor, *, num_groups: int, alpha: float = 1.0
     a, b = contig(a), contig(b)
     out = empty_like(a)
     s = a.numel // max(n * c, 1)
-    chunks = nhwc_chunks(n, s, c * a.itemsize, device.multiprocessor_count, _ADD_STATS_BLOCKS_PER_SM)
-    ws = empty((nhwc_workspace_elems(n, c, num_groups, chunks),), dtypes.float32, device)
+    ws, chunks = _producer_workspace(device, n, s, c, num_groups, a.itemsize, _ADD_STATS_BLOCKS_PER_SM)
     if a.numel:
         call("fdm_add_group_stats_nhwc", a.data_ptr, b.data_ptr, int(b.shape != a.shape), float(alpha), out.data_ptr,
              ws.data_ptr, ws.numel, chunks, n, s, c, num_groups, a.dtype.code, stream(device))
@@ -291,8 +299,7 @@ def concat_group_stats(a: Tensor, b: Tensor, *, num_groups: int) -> tuple[Tensor
     a, b = contig(a), contig(b)
     out = empty(a.shape[:-1] + (c,), a.dtype, device)
     s = out.numel // max(n * c, 1)
-    chunks = nhwc_chunks(n, s, c * a.itemsize, device.multiprocessor_count, _CONCAT_STATS_BLOCKS_PER_SM)
-    ws = empty((nhwc_workspace_elems(n, c, num_groups, chunks),), dtypes.float32, device)
+    ws, chunks = _producer_workspace(device, n, s, c, num_groups, a.itemsize, _CONCAT_STATS_BLOCKS_PER_SM)
     if out.numel:
         call("fdm_concat_group_stats_nhwc", a.data_ptr, b.data_ptr, ca, cb, out.data_ptr, ws.data_ptr, ws.numel, chunks,
              n, s, num_groups, a.dtype.code, stream(device))

@@ -217,13 +217,16 @@ def test_matches_diffusers_on_gpu_bf16():
 def test_group_norms_after_an_add_take_its_statistics(model, monkeypatch):
     """Every resnet's norm2 takes its statistics from the time-embedding add, every transformer's GroupNorm and the
     second norm1 of a down block without attention from the resnet's residual add, every up-block resnet's norm1
-    from the concatenation of its input and skip; the output is unchanged."""
+    from the concatenation of its input and skip, and conv_norm_out from the last up block's last residual add
+    (when that block ends in a resnet); the output is unchanged."""
     from fastdm.runtime import ops
 
     blocks = [*model.down_blocks, model.mid_block, *model.up_blocks]
     expected = sum(len(b.resnets) + len(b.attentions) for b in blocks)
     expected += sum(len(b.resnets) - 1 for b in model.down_blocks if not b.attentions)
     expected += sum(len(b.resnets) for b in model.up_blocks)
+    last = model.up_blocks[-1]
+    expected += last.upsampler is None and not last.attentions  # conv_norm_out
     real, given = ops.group_norm, []
 
     def spy(x, num_groups, *args, stats=None, **kwargs):

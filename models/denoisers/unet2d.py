@@ -411,13 +411,15 @@ class UNet2DCondition:
             x, outs = down(x, silu_temb, kvs)
             skips.extend(outs)
         x = self.mid_block(x, silu_temb, kvs)
-        for up in self.up_blocks:
+        stats = None  # of the last up block's output, for conv_norm_out
+        for j, up in enumerate(self.up_blocks):
             n = len(up.resnets)
             mine, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[1:3] if up.upsampler is not None else None  # the next level's size
-            x = up(x, mine, silu_temb, kvs, size)
+            last = j + 1 == len(self.up_blocks)
+            x, stats = up(x, mine, silu_temb, kvs, size, cfg.norm_num_groups if last else None)
         x = ops.group_norm(x, cfg.norm_num_groups, *self.conv_norm_out, eps=cfg.norm_eps, activation="silu",
-                           channels_last=True)
+                           channels_last=True, stats=stats)
         return ops.permute(self.conv_out(x), (0, 3, 1, 2))  # [B, out_ch, h, w]
 
     __call__ = forward

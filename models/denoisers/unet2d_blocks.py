@@ -333,12 +333,16 @@ class UpBlock(_Block):
         self.upsampler = Upsample2D(w, plan.prefix + "upsamplers.0.") if plan.resample else None
 
     def __call__(self, x: Tensor, skips: list[Tensor], silu_temb: Tensor, kvs: Sequence[Tensor],
-                 size: Sequence[int] | None) -> Tensor:
-        # skips: this block's len(resnets) skip tensors, in the order the down path made them
-        for i in range(len(self.resnets)):
+                 size: Sequence[int] | None, out_groups: int | None = None) -> tuple[Tensor, ops.GroupStats | None]:
+        """skips: this block's len(resnets) skip tensors, in the order the down path made them. out_groups: the
+        groups of the GroupNorm that reads the block's output (the UNet's conv_norm_out after the last block); its
+        statistics come back when the last layer is a resnet (no transformer or upsampler after it), else None."""
+        n, stats = len(self.resnets), None
+        for i in range(n):
             # [B, H, W, C + C_skip], with the statistics of the resnet's norm1, which reads it
             x, stats = ops.concat_group_stats(x, skips[-1 - i], self.groups)
-            x, _ = self._layer(i, x, silu_temb, kvs, stats)
+            last = i + 1 == n and self.upsampler is None
+            x, stats = self._layer(i, x, silu_temb, kvs, stats, out_groups if last else None)
         if self.upsampler is not None:
             x = self.upsampler(x, size)
-        return x
+        return x, stats

@@ -144,10 +144,11 @@ constexpr Sm90Winner kSm90Winners[] = {
     {1976, 1280, 1280, 28, -1, 50},    // SDXL 832x1216 26x38 attention projections: 0.80x (CUTLASS 17: 0.72x)
     {1976, 3840, 1280, 25, -1, 50},    // SDXL 832x1216 26x38 qkv: 0.87 / 0.90 / 0.90x (CUTLASS 16: 0.85x)
     {7904, 640, 2560, 28, -1, 50},     // SDXL 832x1216 52x76 ff down: 0.91x (CUTLASS 17: 0.88 / 0.89x)
-    // Session 23, Wan ff up (two interleaved sweeps, 6 and 12 rounds): the hand-written 128x256 0.976 / 0.974x, the
-    // untagged row's 192x192 0.974 / 0.960x. Wan ff down now goes by the untagged row (CUTLASS 128x256 lean
-    // stream-K, 0.995 / 0.992x), which session 13's H100 sweeps had not compared with 24 (0.954 / 0.968x here).
-    {27280, 14336, 3072, 24, -1, 50},  // Wan ff up: 0.976 / 0.974x (192x192 ptx 26: 0.974 / 0.960x)
+    // Session 23, Wan ff (three interleaved sweeps, 6 / 12 / 8 rounds, two machine starts): up, the hand-written
+    // 128x256 0.976 / 0.974 / 1.000x against the untagged row's 192x192 0.974 / 0.960 / 0.982x; down now goes by the
+    // untagged row (CUTLASS 128x256 lean stream-K: 0.995 / 0.992 / 0.989x), which session 13's H100 sweeps had not
+    // compared with the hand-written 128x256 (0.954 / 0.968 / 0.973x here).
+    {27280, 14336, 3072, 24, -1, 50},  // Wan ff up: 0.976 / 0.974 / 1.000x (192x192 ptx 26: 0.974 / 0.960 / 0.982x)
     // Session 17, FLUX's double-block text stream (6 interleaved rounds, ms): the H200's CUTLASS picks above ran
     // 6-25% behind ping-pong 128x128 in clusters of two here.
     {512, 3072, 12288, 14, 14, 50},    // txt mlp down: 0.0685 (11: 0.0849); gated 0.0686 (11: 0.0860)

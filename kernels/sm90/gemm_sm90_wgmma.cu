@@ -27,6 +27,7 @@
 // Edges cost nothing: TMA zero-fills out-of-range loads and clips stores, so any M, any K % 8 == 0 and N % 8 == 0
 // work.
 #include "bulk_copy.cuh"
+#include "cluster.cuh"
 #include "cluster_occupancy.cuh"
 #include "epilogue_act.cuh"
 #include "gemm_sm90_dispatch.cuh"
@@ -89,25 +90,8 @@ struct Tiling {
 };
 
 // ---- PTX wrappers --------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-// Arrive on the mbarrier at the same shared-memory offset in cluster CTA `rank` (this CTA included).
-__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
-  asm volatile(
-      "{\n\t.reg .b32 remote;\n\t"
-      "mapa.shared::cluster.u32 remote, %0, %1;\n\t"
-      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}" ::"r"(smem_addr(bar)),
-      "r"(rank)
-      : "memory");
 }
 // Brings a tensor map (a kernel parameter, so not memory another grid writes) into the descriptor cache ahead of
 // its first use; legal before wait_for_prior_grids().

@@ -26,6 +26,7 @@
 #include <cooperative_groups.h>
 
 #include "bulk_copy.cuh"
+#include "cluster.cuh"
 #include "cluster_occupancy.cuh"
 #include "common.cuh"
 #include "group_norm.cuh"
@@ -65,23 +66,6 @@ struct GnoLayout {
 __device__ __forceinline__ void inbox_init(uint64_t* bar, uint32_t ranks) {
   mbar_init(bar, 1);
   mbar_expect_tx(bar, 16 * ranks);
-}
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
-// The address of this CTA's shared variable p in cluster rank `rank`'s shared memory.
-__device__ __forceinline__ uint32_t peer_addr(const void* p, uint32_t rank) {
-  uint32_t out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(smem_addr(p)), "r"(rank));
-  return out;
-}
-// 16 bytes into a peer CTA's shared memory at `remote`, counted on its mbarrier at `remote_bar`.
-__device__ __forceinline__ void st_async_f4(uint32_t remote, float4 v, uint32_t remote_bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(
-                   remote),
-               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(remote_bar)
-               : "memory");
 }
 
 // y = act(x * a + c) of one pack.

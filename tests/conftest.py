@@ -1,6 +1,16 @@
 """GPU tests carry @pytest.mark.gpu and are skipped where no GPU or no kernel library is present."""
 
+import zlib
+
+import numpy as np
 import pytest
+
+
+@pytest.fixture
+def rng(request):
+    """A random stream of its own for every test and parametrisation, the same on every run (seeded by the test's
+    node id, not by Python's per-process string hash)."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def gpu_available() -> bool:

@@ -41,3 +41,8 @@ def poisoned(fn, *args, **kwargs):
     cuda.memset_d8(buf.ptr, 0xFF, nbytes, stream)
     buf.free()
     return fn(*args, **kwargs)
+
+
+def group_ids(cases) -> list[str]:
+    """pytest ids of GroupNorm cases [(shape, groups), ...]: "2x32x32x640-g32"."""
+    return ["x".join(map(str, s)) + f"-g{g}" for s, g in cases]

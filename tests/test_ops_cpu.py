@@ -5,7 +5,6 @@ so every op must match to TOL["float32"] whatever the input dtype.
 """
 
 import math
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -17,12 +16,6 @@ from numerics import TOL, randn, rel_l2
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
 TOL32 = TOL["float32"]
-
-
-@pytest.fixture
-def rng(request):
-    # a different, reproducible stream for every test (and every parametrisation)
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def rand(rng, dtype, *shape, scale=1.0):

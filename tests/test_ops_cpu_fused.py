@@ -1,7 +1,6 @@
 """ops.cpu.qk_norm_rope (the reference of the fused QK RMSNorm + RoPE op) against a float64 reference written here
 independently (complex rotation, not cpu.rope), and ops.qk_norm_rope's dispatch of CPU tensors."""
 
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -14,11 +13,6 @@ from numerics import TOL, randn, rel_l2
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def angles(rng, s: int, d: int):

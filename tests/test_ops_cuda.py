@@ -6,7 +6,6 @@ chunks of a [B, 6D] modulation buffer). Before each op the allocator's free memo
 outputs the kernel leaves unwritten come back NaN and fail. Copies and casts must match bit for bit.
 """
 
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -21,11 +20,6 @@ from numerics import TOL, randn, rel_l2
 pytestmark = pytest.mark.gpu
 
 ROWS_D = [(1, 64), (3, 3072), (3, 3073), (4097, 64), (4097, 3073), (33, 65), (5, 1)]
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def check(out: Tensor, ref: np.ndarray, dtype: str) -> None:

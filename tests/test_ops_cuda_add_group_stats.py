@@ -10,14 +10,13 @@ than one block of column threads, rows needing the opt-in shared memory size, C 
 Outputs and workspace start as NaN bytes (poisoned), so anything left unwritten fails.
 """
 
-import zlib
 
 import numpy as np
 import pytest
 from fastdm.runtime import ops
 from fastdm.runtime.errors import CudaError, ShapeError
 from fastdm.runtime.ops import cpu
-from gpu_ops import DTYPES, gpu, oc, poisoned, rand
+from gpu_ops import DTYPES, gpu, group_ids, oc, poisoned, rand
 from numerics import TOL, rel_l2
 
 pytestmark = pytest.mark.gpu
@@ -27,15 +26,6 @@ CASES = [((3, 5, 7, 24), 6), ((2, 9, 11, 12), 4), ((2, 50, 64), 8), ((1, 1, 1, 3
          ((1, 64, 8192), 32), ((2, 17, 19, 2560), 32), ((2, 5, 7, 36), 4), ((2, 64, 64, 320), 32),
          ((2, 32, 32, 1280), 32)]
 LARGE = [((2, 128, 128, 512), 32), ((1, 256, 256, 256), 32)]
-
-
-def ids(cases):
-    return ["x".join(map(str, s)) + f"-g{g}" for s, g in cases]
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def per_sample(shape):
@@ -70,7 +60,7 @@ def check(y, ref, dtype, tol=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,groups", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("shape,groups", CASES, ids=group_ids(CASES))
 @pytest.mark.parametrize("b_kind", ["full", "per_sample"])
 def test_add_group_stats_then_group_norm(rng, dtype, shape, groups, b_kind):
     b_shape = shape if b_kind == "full" else per_sample(shape)
@@ -79,7 +69,7 @@ def test_add_group_stats_then_group_norm(rng, dtype, shape, groups, b_kind):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("shape,groups", LARGE, ids=ids(LARGE))
+@pytest.mark.parametrize("shape,groups", LARGE, ids=group_ids(LARGE))
 def test_add_group_stats_large(rng, dtype, shape, groups):
     _, y, ref = run_pair(rng, dtype, shape, groups, shape)
     check(y, ref, dtype)

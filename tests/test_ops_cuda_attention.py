@@ -6,7 +6,6 @@ of a fused [B, S, 3, H, D] QKV buffer. Outputs are NaN-poisoned before the kerne
 buffers whose rows past the sequence end are NaN, so unwritten outputs and reads past the end both fail.
 """
 
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.gpu
 
 NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 B, H = 2, 3
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def gpu(a: np.ndarray) -> Tensor:

@@ -11,7 +11,6 @@ outputs, stores past the end and reads past the end all fail.
 Runs only on a compute capability 9.0 GPU with a library built for sm_90a.
 """
 
-import zlib
 
 import numpy as np
 import pytest
@@ -39,11 +38,6 @@ from fastdm import kernels
 pytestmark = pytest.mark.gpu
 
 AUTO, SM90, MMA = 0, 1, 2
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def sm90_available() -> bool:

@@ -12,7 +12,6 @@ elements fail.
 """
 
 import gc
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -29,11 +28,6 @@ NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": n
 HALF_DTYPES = ["bfloat16", "float16"]
 BIG, MEDIUM, SM90 = 0, 1, 2  # configurations of conv_implicit.cu (kConvBig, kConvMedium, kConvSm90)
 IMPLICIT = (BIG, MEDIUM, SM90)
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ Outputs land in memory filled with NaN bytes first (see `poisoned`), so anything
 """
 
 import math
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -24,11 +23,6 @@ from numerics import TOL, randn, rel_l2
 pytestmark = pytest.mark.gpu
 
 VEC = {"float32": 4, "float16": 8, "bfloat16": 8}  # elements per 16-byte pack
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def cuda_norms():

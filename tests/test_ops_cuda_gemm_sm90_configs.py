@@ -9,7 +9,6 @@ fdm_gemm_sm90_last_config) and match the reference; stream-K runs must also be b
 """
 
 import ctypes
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -50,11 +49,6 @@ def lib():
     if tuple(major_minor) != (9, 0) or not library.fdm_has_sm90():
         pytest.skip("the sm90 GEMM configurations need compute capability 9.0 and a library built for sm_90a")
     return library
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture

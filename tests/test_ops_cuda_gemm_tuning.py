@@ -2,7 +2,6 @@
 configurations, recording a winner in the cache and in the library (fdm_gemm_sm90_set_tuned), a later process
 loading it, and the library refusing a tuned configuration that cannot run the problem."""
 
-import zlib
 
 import numpy as np
 import pytest
@@ -15,11 +14,6 @@ from numerics import TOL, rel_l2
 from fastdm import kernels
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ chunks per sample. Before each op the allocator's free memory is filled with NaN
 leave unwritten (output or workspace) comes back NaN, and rel_l2 turns any NaN into a failure.
 """
 
-import zlib
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from fastdm.runtime import cuda, ops
 from fastdm.runtime.errors import CudaError, ShapeError
 from fastdm.runtime.ops import cpu
 from fastdm.runtime.tensor import Tensor
-from gpu_ops import DTYPES, gpu, oc, poisoned, rand
+from gpu_ops import DTYPES, gpu, group_ids, oc, poisoned, rand
 from numerics import TOL, rel_l2
 
 pytestmark = pytest.mark.gpu
@@ -28,15 +27,6 @@ SMALL = [((3, 5, 7, 24), 6), ((2, 9, 11, 12), 4), ((2, 50, 64), 8), ((1, 1, 1, 3
 SDXL = [((2, 128, 128, 320), 32), ((2, 64, 64, 640), 32), ((2, 32, 32, 1280), 32), ((2, 32, 32, 2560), 32),
         ((1, 128, 128, 960), 32)]
 VAE = [((1, 256, 256, 512), 32), ((1, 1024, 1024, 128), 32)]
-
-
-def ids(cases):
-    return ["x".join(map(str, s)) + f"-g{g}" for s, g in cases]
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +63,7 @@ def run(rng, dtype: str, shape, groups: int, affine: bool, activation, shift: fl
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,groups", SMALL, ids=ids(SMALL))
+@pytest.mark.parametrize("shape,groups", SMALL, ids=group_ids(SMALL))
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_group_norm_nhwc(rng, dtype, shape, groups, affine, activation):
@@ -82,7 +72,7 @@ def test_group_norm_nhwc(rng, dtype, shape, groups, affine, activation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,groups", SDXL, ids=ids(SDXL))
+@pytest.mark.parametrize("shape,groups", SDXL, ids=group_ids(SDXL))
 @pytest.mark.parametrize("affine,activation", [(True, "silu"), (False, None)], ids=["affine_silu", "plain"])
 def test_group_norm_nhwc_sdxl(rng, dtype, shape, groups, affine, activation):
     out, ref = run(rng, dtype, shape, groups, affine, activation)
@@ -90,7 +80,7 @@ def test_group_norm_nhwc_sdxl(rng, dtype, shape, groups, affine, activation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,groups", VAE, ids=ids(VAE))
+@pytest.mark.parametrize("shape,groups", VAE, ids=group_ids(VAE))
 def test_group_norm_nhwc_vae(rng, dtype, shape, groups):
     out, ref = run(rng, dtype, shape, groups, True, "silu")
     check(out, ref, dtype)

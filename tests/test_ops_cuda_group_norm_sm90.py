@@ -13,14 +13,13 @@ three samples, fewer rows than SMs, one thread a column (C = 2560 in 16-bit), an
 (a register-held tail), and a CUDA graph replay of its cooperative launch.
 """
 
-import zlib
 
 import numpy as np
 import pytest
 from fastdm.runtime import cuda
 from fastdm.runtime.errors import CudaError
 from fastdm.runtime.ops import cpu
-from gpu_ops import DTYPES, gpu, oc, poisoned, rand
+from gpu_ops import DTYPES, gpu, group_ids, oc, poisoned, rand
 from numerics import TOL, rel_l2
 
 from fastdm import kernels
@@ -61,15 +60,6 @@ SHAPES_RESIDENT = [
 ]
 
 
-def ids(cases):
-    return ["x".join(map(str, s)) + f"-g{g}" for s, g in cases]
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
-
-
 def set_path(path: int) -> None:
     kernels.call("fdm_group_norm_set_path", path)
 
@@ -94,7 +84,7 @@ def run(x, w, b, groups, activation, path, channels_last=False):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,groups", SHAPES, ids=ids(SHAPES))
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=group_ids(SHAPES))
 @pytest.mark.parametrize("affine,activation", [(True, "silu"), (False, None), (True, None)],
                          ids=["affine_silu", "plain", "affine"])
 def test_one_pass(rng, dtype, shape, groups, affine, activation):
@@ -142,7 +132,7 @@ def check_channels_last(x, w, b, groups, activation, path, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,groups", SHAPES_NHWC, ids=ids(SHAPES_NHWC))
+@pytest.mark.parametrize("shape,groups", SHAPES_NHWC, ids=group_ids(SHAPES_NHWC))
 @pytest.mark.parametrize("affine,activation", [(True, "silu"), (False, None)], ids=["affine_silu", "plain"])
 def test_one_pass_channels_last(rng, dtype, shape, groups, affine, activation):
     x, w, b = channels_last_case(rng, dtype, shape, affine)
@@ -150,7 +140,7 @@ def test_one_pass_channels_last(rng, dtype, shape, groups, affine, activation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,groups", SHAPES_RESIDENT, ids=ids(SHAPES_RESIDENT))
+@pytest.mark.parametrize("shape,groups", SHAPES_RESIDENT, ids=group_ids(SHAPES_RESIDENT))
 @pytest.mark.parametrize("affine,activation", [(True, "silu"), (False, None)], ids=["affine_silu", "plain"])
 def test_resident_channels_last(rng, dtype, shape, groups, affine, activation):
     x, w, b = channels_last_case(rng, dtype, shape, affine)

@@ -2,7 +2,6 @@
 split() returns views; tensors on different devices are refused."""
 
 import inspect
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -12,11 +11,6 @@ from fastdm.runtime.errors import ShapeError, UnsupportedDtypeError
 from fastdm.runtime.ops import cpu
 from fastdm.runtime.tensor import Tensor
 from numerics import randn
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def T(a: np.ndarray) -> Tensor:

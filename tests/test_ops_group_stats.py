@@ -2,7 +2,6 @@
 and the checks that keep the statistics tied to the one tensor they describe (tests/test_ops_cuda_add_group_stats.py
 runs the kernels)."""
 
-import zlib
 
 import numpy as np
 import pytest
@@ -11,11 +10,6 @@ from fastdm.runtime.errors import ShapeError
 from fastdm.runtime.ops import cpu
 from fastdm.runtime.tensor import Tensor
 from numerics import randn
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.mark.parametrize("shape,groups,b_shape", [((2, 5, 7, 24), 6, (2, 5, 7, 24)), ((2, 5, 7, 24), 6, (2, 1, 1, 24)),

@@ -23,11 +23,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
-
-
 def sample(rng, d, *shape):
     x = randn(rng, *shape) * 5
     return (x > 0) if d.name == "bool" else x.astype(d.np)

@@ -16,12 +16,6 @@ from numerics import randn
 SIZES = (1, 2, 3, 5, 7)
 
 
-@pytest.fixture
-def rng(request):
-    # A fresh stream per test, reproducible from the test's name.
-    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
-
-
 def rand_shape(rng, lo=1, hi=4):
     return tuple(int(rng.choice(SIZES)) for _ in range(int(rng.integers(lo, hi + 1))))
 

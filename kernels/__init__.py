@@ -11,7 +11,11 @@ import ctypes
 import os
 from pathlib import Path
 
-from ..runtime.errors import CudaError, NoGpuError
+# Absolute, not `..runtime`: with a source checkout's root on sys.path (bench/device_env.sh, `python -m` from the
+# root) this folder is also importable as a top-level `kernels`, and transformers imports any top-level `kernels` it
+# finds while probing for the Hugging Face package of that name; it must import cleanly there (it then reports no
+# version, so transformers treats it as absent).
+from fastdm.runtime.errors import CudaError, NoGpuError
 
 LIB_NAME = "libfastdm_kernels.so"
 

@@ -20,8 +20,9 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
-// The two halves of a cluster barrier, for work between them; the arrival orders nothing (relaxed), so use it only
-// where the wait guards no memory of this CTA's writes (e.g. "every peer's mbarriers exist").
+// The two halves of a cluster barrier, for work between them. The arrival is relaxed: this CTA's earlier writes are
+// not ordered for the peers by it; what they must see needs its own fence (mbarrier initialization: fence_barrier_init
+// in bulk_copy.cuh, before the arrival).
 __device__ __forceinline__ void cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }

@@ -229,8 +229,13 @@ group_norm_resident_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w
 
   // Group g's moments from its B partials, in the same order in every CTA of the sample.
   {
-    // Eight loads in flight at a time (predicated, not branched around), then their merges.
-    constexpr int kBatch = 8;
+    // kBatch loads in flight at a time (predicated, not branched around), then their merges. Nine, so that one batch
+    // covers a sample's partials on a 132-SM card where a group has 16 lanes (B <= 144: one sample, C = 512) or 8
+    // lanes and two samples or more (B <= 72: the 480-thread CTAs of C = 320, 640, 1280); a second dependent round
+    // trip to L2 cost 0.3-0.6 us. H100, bf16 + SiLU, us, eight / nine: [1, 128, 128, 512] 21.43 / 20.86,
+    // [2, 64, 64, 1280] 24.40 / 23.95, [2, 64, 64, 640] 17.35 / 17.05, [2, 128, 128, 320] 24.41 / 23.97,
+    // [2, 128, 128, 512] 31.32 / 31.30 (B = 66, one batch either way); 17 spills (bf16 + SiLU), 12 was no better.
+    constexpr int kBatch = 9;
     Moments m{0.f, 0.f, 0.f};
     for (uint32_t i0 = sub; has_group && i0 < B; i0 += kBatch * width) {
       float2 p[kBatch];

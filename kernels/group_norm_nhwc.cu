@@ -98,7 +98,7 @@ size_t stats_smem_bytes(const RowShape& s, int V, int64_t C) {
 // UNet tensors is still in the 50 MB L2.
 template <typename T, int V>
 struct ReadX {
-  static constexpr int kMinBlocks = 3;  // the kernel's __launch_bounds__ minimum of resident blocks (see below)
+  static constexpr int kMinBlocks = 3, kMaxRegs = 72;  // resident blocks an SM, registers a thread (see the kernel)
   const T* x;
   int64_t C;
   using Raw = Pack<T, V>;
@@ -118,7 +118,7 @@ struct AddInto {
   // Two packs loaded for each one kept: at 3 blocks an SM (<= 85 registers) 4-row tiles spill (232 bytes, bf16).
   // Three blocks of 2-row tiles (80 registers) ran the bench shape's add 46.2 us against 40.7 for these two blocks of
   // 4-row tiles (110 registers; plain ops.add: 34.7), H100.
-  static constexpr int kMinBlocks = 2;
+  static constexpr int kMinBlocks = 2, kMaxRegs = 112;
   const T* a;
   const T* b;
   T* out;
@@ -130,17 +130,29 @@ struct AddInto {
     return (b_per_sample ? n : row) * C + c;
   }
   __device__ __forceinline__ Pack<T, V> sum(const Pack<T, V>& pa, const Pack<T, V>& pb) const {
-    Pack<T, V> o;
+    float f[V];
 #pragma unroll
-    for (int e = 0; e < V; ++e) o.v[e] = from_f32<T>(to_f32(pa.v[e]) + alpha * to_f32(pb.v[e]));
-    return o;
+    for (int e = 0; e < V; ++e) f[e] = pack_f32(pa, e) + alpha * pack_f32(pb, e);
+    return pack_from_f32<T, V>(f);
   }
   struct Raw {
     Pack<T, V> a, b;
   };
   __device__ __forceinline__ Raw fetch(int64_t row, int64_t n, int64_t c) const {
-    const T* bp = b + b_off(row, n, c);
-    return {load_pack_cs<T, V>(a + row * C + c), b_per_sample ? load_pack<T, V>(bp) : load_pack_cs<T, V>(bp)};
+    return {load_pack_cs<T, V>(a + row * C + c), load_b(b + b_off(row, n, c))};
+  }
+  // b's pack: a per-sample row is read again for every row (default policy), a full b once (evict-first). The choice
+  // is made on the loaded 32-bit words: selecting between two Packs of 16-bit elements compiled to a PRMT per half.
+  __device__ __forceinline__ Pack<T, V> load_b(const T* bp) const {
+    if constexpr (sizeof(Pack<T, V>) == 16) {
+      const auto* p = reinterpret_cast<const uint4*>(bp);
+      const uint4 u = b_per_sample ? *p : __ldcs(p);
+      Pack<T, V> v;
+      memcpy(&v, &u, 16);
+      return v;
+    } else {
+      return load_pack<T, V>(bp);
+    }
   }
   __device__ __forceinline__ void take(Raw& r, int64_t row, int64_t c) const {  // r.a becomes the sum
     r.a = sum(r.a, r.b);
@@ -161,7 +173,7 @@ struct AddInto {
 // (evict-first), out kept in L2 for the apply pass.
 template <typename T, int V>
 struct ConcatInto {
-  static constexpr int kMinBlocks = 3;  // one load a pack, as ReadX
+  static constexpr int kMinBlocks = 3, kMaxRegs = 72;  // one load a pack, as ReadX
   const T* a;
   const T* b;
   T* out;
@@ -182,13 +194,21 @@ struct ConcatInto {
   __device__ __forceinline__ float value(int64_t row, int64_t, int64_t c) const { return to_f32(*src(row, c)); }
 };
 
-// Source::kMinBlocks blocks of 256 threads per SM at least. ReadX: 3 (<= 85 registers; at 64 the bf16 kernel spills
-// on sm_90a): 3 x 256 x kTile x 16 B = 48 KB of loads in flight per SM, more than the ~30 KB a SM needs to keep HBM3
-// busy. AddInto: 2, with two loads a pack (64 KB in flight).
+// Registers: Source::kMinBlocks blocks of 256 threads an SM (ReadX, ConcatInto 3: 48 KB of loads in flight an SM; AddInto
+// 2, two loads a pack: 64 KB; a one-wave grid, runtime/ops/cuda/norms.py sizes it with the same counts) and room beside
+// them for one block of the finalize kernel, so that under programmatic dependent launch the finalize is already
+// resident, waiting, when the statistics blocks complete. H100, bf16, us: the add with statistics at 114 registers left
+// no room, and add + GroupNorm [2, 128, 128, 512] took 67.2 against 63.0 at 112 (and 63.6 for the kernel before its
+// whole-tile branch, at 110); ReadX and ConcatInto at 72 instead of 80 made the three-kernel GroupNorm 0.8-1.1 us faster.
+constexpr int kFinalizeRegs = 32;     // what ptxas gives gn_nhwc_finalize_kernel (sm_90a, every dtype)
+constexpr int kRegisterFile = 65536;  // 32-bit registers an SM (sm_80 to sm_90)
+
 template <typename T, int V, typename Source>
-__global__ void __launch_bounds__(kThreads, Source::kMinBlocks)
+__global__ void __maxnreg__(Source::kMaxRegs)
 gn_nhwc_stats_kernel(Source src, float* __restrict__ stats, int64_t S, int64_t C, int G, int64_t rpc, int chunks,
                      RowShape sh) {
+  static_assert(Source::kMinBlocks * kThreads * Source::kMaxRegs + kThreads * kFinalizeRegs <= kRegisterFile,
+                "the statistics blocks leave no room for a finalize block");
   wait_for_prior_grids();  // programmatic-dependent launch (pdl.cuh)
   allow_dependent_grids();
   extern __shared__ float2 smem[];
@@ -225,33 +245,46 @@ gn_nhwc_stats_kernel(Source src, float* __restrict__ stats, int64_t S, int64_t C
         typename Source::Raw raw[kTile];
 #pragma unroll
         for (int k = 0; k < kTile; ++k) raw[k] = src.fetch(xr + (k < nb ? k : nb - 1) * sh.R, n, c0);
-#pragma unroll
-        for (int k = 0; k < kTile; ++k)
-          if (k < nb) src.take(raw[k], xr + k * sh.R, c0);
-        const float nbf = static_cast<float>(nb), inv_nb = __fdividef(1.f, nbf);
-        // Exact two-pass moments of the tile's nb values per channel, merged into the running ones. The counts
-        // are the same for all V channels, so the merge weights are computed once.
-        const float tot = an + nbf, fb = __fdividef(nbf, tot), coef = an * fb;
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float k0 = ref[e];
-          float s = 0.f;
+        // Exact two-pass moments of the tile's nb values per channel (each value's offset from the reference taken
+        // once), merged into the running ones. The counts are the same for all V channels, so the merge weights are
+        // computed once. Whole tiles (all but a thread's last) take a branch of their own, without the per-row
+        // predicates and with 1 / kTile a constant. With the sum's pair-wise rounding (pack_from_f32) and b's load
+        // (load_b), a whole 4-row tile of the bf16 add is 456 SASS instructions, was 707: the add with statistics is
+        // issue-heavy at its 4 warps a scheduler (ncu: 0.43 issued a cycle per scheduler, the plain add 0.23).
+        auto accumulate = [&](auto whole) {
+          constexpr bool kWhole = decltype(whole)::value;
 #pragma unroll
           for (int k = 0; k < kTile; ++k)
-            if (k < nb) s += to_f32(Source::values(raw[k]).v[e]) - k0;
-          const float tm = s * inv_nb;
-          float q = 0.f;
+            if (kWhole || k < nb) src.take(raw[k], xr + k * sh.R, c0);
+          const float nbf = kWhole ? float{kTile} : static_cast<float>(nb);
+          const float inv_nb = kWhole ? 1.f / kTile : __fdividef(1.f, nbf);
+          const float tot = an + nbf, fb = __fdividef(nbf, tot), coef = an * fb;
 #pragma unroll
-          for (int k = 0; k < kTile; ++k)
-            if (k < nb) {
-              const float c = (to_f32(Source::values(raw[k]).v[e]) - k0) - tm;
-              q = fmaf(c, c, q);
+          for (int e = 0; e < V; ++e) {
+            float dv[kTile], s = 0.f;
+#pragma unroll
+            for (int k = 0; k < kTile; ++k) {
+              dv[k] = kWhole || k < nb ? pack_f32(Source::values(raw[k]), e) - ref[e] : 0.f;
+              s += dv[k];
             }
-          const float d = tm - mean[e];
-          mean[e] = fmaf(d, fb, mean[e]);
-          m2[e] += q + d * d * coef;
-        }
-        an = tot;
+            const float tm = s * inv_nb;
+            float q = 0.f;
+#pragma unroll
+            for (int k = 0; k < kTile; ++k)
+              if (kWhole || k < nb) {
+                const float c = dv[k] - tm;
+                q = fmaf(c, c, q);
+              }
+            const float d = tm - mean[e];
+            mean[e] = fmaf(d, fb, mean[e]);
+            m2[e] += q + d * d * coef;
+          }
+          an = tot;
+        };
+        if (nb == kTile)
+          accumulate(std::true_type{});
+        else
+          accumulate(std::false_type{});
       }
     }
     if (lane_ok) {

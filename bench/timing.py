@@ -3,6 +3,7 @@ GEMM shapes of bench/kernels.py for the scripts that look at GEMMs alone."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import statistics
@@ -178,10 +179,16 @@ def pipeline_table(script: str, folder: Path, steps: int, size: int, title: str)
         print(f"| {label} | {vals[0]} | {vals[1]} |", flush=True)
 
 
-def gemm_bench_shapes() -> dict[str, tuple[int, int, int]]:
-    """GEMM_SHAPES of bench/kernels.py, name -> (M, K, N) (loaded by path: a plain `import kernels` could find
-    fastdm's kernels/ package instead)."""
+@functools.cache
+def bench_kernels_module():
+    """bench/kernels.py as a module (its shapes and its input helpers: fd, rotating, same_size_copy_ms), loaded by
+    path: a plain `import kernels` could find fastdm's kernels/ package instead."""
     spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).resolve().parent / "kernels.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return dict(mod.GEMM_SHAPES)
+    return mod
+
+
+def gemm_bench_shapes() -> dict[str, tuple[int, int, int]]:
+    """GEMM_SHAPES of bench/kernels.py, name -> (M, K, N)."""
+    return dict(bench_kernels_module().GEMM_SHAPES)

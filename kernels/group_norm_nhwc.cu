@@ -115,9 +115,10 @@ struct ReadX {
 // read once (evict-first); out keeps the default policy, GroupNorm's apply pass reads it next.
 template <typename T, int V>
 struct AddInto {
-  // Two packs loaded for each one kept: at 3 blocks an SM (<= 85 registers) 4-row tiles spill (232 bytes, bf16).
-  // Three blocks of 2-row tiles (80 registers) ran the bench shape's add 46.2 us against 40.7 for these two blocks of
-  // 4-row tiles (110 registers; plain ops.add: 34.7), H100.
+  // Two packs loaded for each one kept: at 3 blocks an SM (<= 85 registers) 4-row tiles spilled (232 bytes, bf16;
+  // 80 bytes at the 72 registers that leave a finalize block room, session 24, not measured). Session 22, H100: three
+  // blocks of 2-row tiles (80 registers) ran the bench shape's add 46.2 us against 40.7 for two blocks of 4-row tiles
+  // (110 registers; plain ops.add: 34.7).
   static constexpr int kMinBlocks = 2, kMaxRegs = 112;
   const T* a;
   const T* b;

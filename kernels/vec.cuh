@@ -66,22 +66,15 @@ __device__ __forceinline__ float pack_f32(const Pack<T, N>& p, int e) {
   }
 }
 
-// A pack of N float32 values rounded to T. 16-bit types convert two at a time into the pack's 32-bit words (one
-// F2FP a pair); element by element, the compiler splits each converted pair into halves and merges them again.
+// A pack of N float32 values rounded to T. 16-bit types convert two at a time into the pack's 32-bit words (pack2);
+// element by element, the compiler splits each converted pair into halves and merges them again.
 template <typename T, int N>
 __device__ __forceinline__ Pack<T, N> pack_from_f32(const float (&f)[N]) {
   Pack<T, N> out;
   if constexpr (N % 2 == 0 && (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>)) {
 #pragma unroll
     for (int e = 0; e < N; e += 2) {
-      uint32_t w;
-      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-        const __nv_bfloat162 v = __floats2bfloat162_rn(f[e], f[e + 1]);
-        memcpy(&w, &v, 4);
-      } else {
-        const __half2 v = __floats2half2_rn(f[e], f[e + 1]);
-        memcpy(&w, &v, 4);
-      }
+      const uint32_t w = pack2<T>(f[e], f[e + 1]);
       memcpy(&out.v[e], &w, 4);
     }
   } else {

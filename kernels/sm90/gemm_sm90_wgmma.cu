@@ -219,16 +219,6 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[kAcc], uint64_t a, uint64_t
 #undef FDM_WGMMA_D48
 
 template <typename E>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same_v<E, __nv_bfloat16>) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-template <typename E>
 __device__ __forceinline__ float2 unpack2(uint32_t u) {
   if constexpr (std::is_same_v<E, __nv_bfloat16>) {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));

@@ -9,7 +9,11 @@ Cases (--cases, comma-separated):
              bench shape, and channels-last on the three-kernel path (forced)
   producers  the channels-last GroupNorm's statistics producers: add / add with statistics / add + GroupNorm, and
              concatenation with statistics / concatenation + GroupNorm
-  gemm       ops.linear (+ bias) at bench/kernels.py's GEMM shapes
+  gemm       ops.linear (+ bias) at bench/kernels.py's GEMM shapes, with torch's linear (cuBLAS) timed in turn in the
+             same process and fastdm's time as a percentage of it ("linear/cublas %"): GEMM times drift 3-5% between
+             processes, and the cuBLAS row shows how much
+  attention  ops.attention at bench/kernels.py's shapes and SDXL's, with cuDNN SDPA timed in turn in the same process
+             ("attention/cudnn %", as for gemm)
 Times are device microseconds a call (timing.interleaved_ms: the case's calls timed in turn, --rounds rounds, inputs
 rotating over 3x the L2 for the memory-bound cases). Within one process the same clocks hit every call of a case;
 between builds, --alternations runs each build that many times in turn (A B A B), and the table shows every run, so
@@ -26,7 +30,17 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CASE_SETS = ("groupnorm", "producers", "gemm")
+CASE_SETS = ("groupnorm", "producers", "gemm", "attention")
+# name: (B, Sq, Sk, H, D): bench/kernels.py's rows, then SDXL's (batch 2 for CFG, head dim 64).
+ATTENTION_SHAPES = {
+    "flux S=4608 D=128": (1, 4608, 4608, 24, 128),
+    "flux 1024x2048 S=8704 D=128": (1, 8704, 8704, 24, 128),
+    "wan5b S=27280 D=128": (1, 27280, 27280, 24, 128),
+    "sd3.5m S=4429 D=64": (1, 4429, 4429, 24, 64),
+    "sdxl 64x64 self S=4096 H=10 D=64": (2, 4096, 4096, 10, 64),
+    "sdxl 32x32 self S=1024 H=20 D=64": (2, 1024, 1024, 20, 64),
+    "sdxl 64x64 cross Sk=77 H=10 D=64": (2, 4096, 77, 10, 64),
+}
 
 
 def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
@@ -112,9 +126,40 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
             })
 
     if "gemm" in case_sets:
+        import torch.nn.functional as F
+
         for name, (m, k, n) in bk.GEMM_SHAPES.items():
-            x, wt, bias = bk.fd(bf16(m, k)), bk.fd(bf16(n, k) * k**-0.5), bk.fd(bf16(n))
-            timed(f"linear {name}", {"linear": lambda x=x, wt=wt, bias=bias: ops.linear(x, wt, bias)})
+            tx, tw, tb = bf16(m, k), bf16(n, k) * k**-0.5, bf16(n)
+            x, wt, bias = bk.fd(tx), bk.fd(tw), bk.fd(tb)
+            case = f"linear {name}"
+            timed(case, {"linear": lambda x=x, wt=wt, bias=bias: ops.linear(x, wt, bias),
+                         "cublas": lambda tx=tx, tw=tw, tb=tb: F.linear(tx, tw, tb)})
+            # GEMM times drift between processes by as much as the differences an A/B looks for: identical GEMM
+            # code measured 0.89-1.10x of itself at 3 rounds and one alternation, 0.97-1.05x at 5 rounds and two
+            # (H100); cuBLAS timed in turn in the same process drifts about as much (0.96-1.04x), so its row shows
+            # how much of a difference is drift. Only a change well outside that spread reads as one.
+            out[case]["linear/cublas %"] = round(100 * out[case]["linear"] / out[case]["cublas"], 2)
+    if "attention" in case_sets:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, (b, sq, sk, h, d) in ATTENTION_SHAPES.items():
+            q, k, v = bf16(b, sq, h, d), bf16(b, sk, h, d), bf16(b, sk, h, d)
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # torch wants [B, H, S, D]
+            qf, kf, vf = bk.fd(q), bk.fd(k), bk.fd(v)
+
+            def cudnn(qt=qt, kt=kt, vt=vt):
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+
+            case = f"attention {name}"
+            fns = {"attention": lambda qf=qf, kf=kf, vf=vf: ops.attention(qf, kf, vf), "cudnn": cudnn}
+            try:
+                cudnn()
+            except RuntimeError:  # cuDNN declines the shape on this build: fastdm's time alone
+                del fns["cudnn"]
+            timed(case, fns)
+            if "cudnn" in fns:
+                out[case]["attention/cudnn %"] = round(100 * out[case]["attention"] / out[case]["cudnn"], 2)
     return out
 
 
@@ -134,7 +179,7 @@ def table(libs: list[str], runs: list[tuple[int, dict]]) -> str:
     against the first's."""
     per_lib: list[list[dict]] = [[r for i, r in runs if i == j] for j in range(len(libs))]
     names = [f"{chr(ord('A') + j)}" for j in range(len(libs))]
-    head = "| case | call | " + " | ".join(f"{n} (us)" for n in names) + " | " + " | ".join(
+    head = "| case | call (us unless named) | " + " | ".join(names) + " | " + " | ".join(
         f"{n}/A" for n in names[1:]) + " |"
     lines = [", ".join(f"{n} = {lib}" for n, lib in zip(names, libs, strict=True)), "", head,
              "|" + "---|" * (2 + 2 * len(libs) - 1)]

@@ -61,3 +61,20 @@ def test_missing_library_file_is_named(ab, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ab.main([str(real), str(tmp_path / "absent.so")])
     assert "absent.so" in capsys.readouterr().err
+
+
+def test_every_case_set_reaches_the_children(ab, tmp_path, monkeypatch, capsys):
+    libs = [tmp_path / "a.so", tmp_path / "b.so"]
+    for lib in libs:
+        lib.write_bytes(b"")
+    seen = []
+
+    def fake_child(lib, case_sets, rounds):
+        seen.append(tuple(case_sets))
+        return {"attention x": {"attention": 2.0, "cudnn": 2.5, "attention/cudnn %": 80.0}}
+
+    monkeypatch.setattr(ab, "run_child", fake_child)
+    ab.main([str(libs[0]), str(libs[1]), "--cases", ",".join(ab.CASE_SETS), "--alternations", "1"])
+    assert seen == [tuple(ab.CASE_SETS)] * 2
+    assert {"groupnorm", "producers", "gemm", "attention"} <= set(ab.CASE_SETS)
+    assert "| attention x | attention/cudnn % | 80.00 | 80.00 | 1.000 |" in capsys.readouterr().out

@@ -139,6 +139,11 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
             # (H100); cuBLAS timed in turn in the same process drifts about as much (0.96-1.04x), so its row shows
             # how much of a difference is drift. Only a change well outside that spread reads as one.
             out[case]["linear/cublas %"] = round(100 * out[case]["linear"] / out[case]["cublas"], 2)
+            if name == "flux mlp 3072->12288":  # the activation epilogue, against torch's linear then gelu
+                case = f"linear+gelu_tanh {name}"
+                timed(case, {
+                    "linear+gelu_tanh": lambda x=x, wt=wt, bias=bias: ops.linear(x, wt, bias, activation="gelu_tanh"),
+                    "torch": lambda tx=tx, tw=tw, tb=tb: F.gelu(F.linear(tx, tw, tb), approximate="tanh")})
     if "attention" in case_sets:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

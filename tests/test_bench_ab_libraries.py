@@ -17,10 +17,16 @@ def ab():
     return mod
 
 
-def test_builds_alternate_and_the_table_compares_them(ab, tmp_path, monkeypatch, capsys):
-    libs = [tmp_path / "main.so", tmp_path / "new.so"]
+def empty_libraries(folder: Path, *names: str) -> list[Path]:
+    """Library files that exist (the children that would load them are faked)."""
+    libs = [folder / name for name in names]
     for lib in libs:
         lib.write_bytes(b"")
+    return libs
+
+
+def test_builds_alternate_and_the_table_compares_them(ab, tmp_path, monkeypatch, capsys):
+    libs = empty_libraries(tmp_path, "main.so", "new.so")
     calls = []
 
     def fake_child(lib, case_sets, rounds):
@@ -56,17 +62,14 @@ def test_refusals(ab, argv, message, capsys):
 
 
 def test_missing_library_file_is_named(ab, tmp_path, capsys):
-    real = tmp_path / "main.so"
-    real.write_bytes(b"")
+    (real,) = empty_libraries(tmp_path, "main.so")
     with pytest.raises(SystemExit):
         ab.main([str(real), str(tmp_path / "absent.so")])
     assert "absent.so" in capsys.readouterr().err
 
 
 def test_every_case_set_reaches_the_children(ab, tmp_path, monkeypatch, capsys):
-    libs = [tmp_path / "a.so", tmp_path / "b.so"]
-    for lib in libs:
-        lib.write_bytes(b"")
+    libs = empty_libraries(tmp_path, "a.so", "b.so")
     seen = []
 
     def fake_child(lib, case_sets, rounds):

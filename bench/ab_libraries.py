@@ -47,6 +47,7 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
     """In this process (the library FASTDM_KERNELS_LIB names): {case: {call: us}}."""
     sys.path.insert(0, str(HERE))
     import torch  # bench/ is the baseline side: torch is allowed here
+    import torch.nn.functional as F
     from fastdm.runtime import ops
     from timing import bench_kernels_module, interleaved_ms, same_stream
 
@@ -126,8 +127,6 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
             })
 
     if "gemm" in case_sets:
-        import torch.nn.functional as F
-
         for name, (m, k, n) in bk.GEMM_SHAPES.items():
             tx, tw, tb = bf16(m, k), bf16(n, k) * k**-0.5, bf16(n)
             x, wt, bias = bk.fd(tx), bk.fd(tw), bk.fd(tb)
@@ -154,7 +153,7 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
 
             def cudnn(qt=qt, kt=kt, vt=vt):
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+                    return F.scaled_dot_product_attention(qt, kt, vt)
 
             case = f"attention {name}"
             fns = {"attention": lambda qf=qf, kf=kf, vf=vf: ops.attention(qf, kf, vf), "cudnn": cudnn}

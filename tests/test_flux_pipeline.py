@@ -33,7 +33,7 @@ from fastdm.runtime.errors import (
 )
 from fastdm.runtime.tensor import Tensor
 from numerics import rel_l2
-from safetensors import safe_open
+from pipeline_fixtures import edit_index, io_metadata, noise_kernel, pipeline_copy
 from safetensors.numpy import load_file, save_file
 
 import fastdm
@@ -43,15 +43,9 @@ TINY = FIXTURES / "tiny-flux"
 IO = FIXTURES / "tiny_flux_pipeline_io.safetensors"
 
 
-def _meta() -> dict:
-    with safe_open(str(IO), "np") as f:
-        return f.metadata()
-
-
-META = _meta()
+META = io_metadata(IO)
 CASES = json.loads(META["cases"])
-# torch's CPU capability when the fixture was drawn: every x86 AVX2/AVX-512 CPU runs the same Box-Muller kernel
-NOISE_KERNEL = "default" if META["cpu_capability"] == "DEFAULT" else "avx2"
+NOISE_KERNEL = noise_kernel(META)
 
 
 @pytest.fixture(scope="module")
@@ -244,27 +238,6 @@ def test_free_text_encoders_reloads_them_for_the_next_call(pipe, io):
 
 
 # --------------------------------------------------------------------------------------------- loading errors
-def _pipeline_copy(tmp_path: Path, skip: str | None = None) -> Path:
-    """tmp_path/model: model_index.json copied (editable), the components linked (skip: left out)."""
-    root = tmp_path / "model"
-    root.mkdir()
-    shutil.copy(TINY / "model_index.json", root / "model_index.json")
-    for part in TINY.iterdir():
-        if part.is_dir() and part.name != skip:
-            (root / part.name).symlink_to(part.resolve(), target_is_directory=True)
-    return root
-
-
-def _edit_index(root: Path, **changes) -> None:
-    index = json.loads((root / "model_index.json").read_text())
-    for k, v in changes.items():
-        if v is None:
-            index.pop(k, None)
-        else:
-            index[k] = v
-    (root / "model_index.json").write_text(json.dumps(index))
-
-
 def test_not_a_folder(tmp_path):
     with pytest.raises(ModelLayoutError, match="does not exist"):
         Pipeline.from_pretrained(tmp_path / "nope", device="cpu")
@@ -291,29 +264,29 @@ def test_folder_without_model_index(tmp_path):
 
 
 def test_unknown_pipeline_class(tmp_path):
-    root = _pipeline_copy(tmp_path)
-    _edit_index(root, _class_name="StableVideoDiffusionPipeline")
+    root = pipeline_copy(TINY, tmp_path)
+    edit_index(root, _class_name="StableVideoDiffusionPipeline")
     with pytest.raises(ModelLayoutError, match="holds a StableVideoDiffusionPipeline, which fastdm does not run; "
                                                "supported pipelines: FluxPipeline"):
         Pipeline.from_pretrained(root, device="cpu")
 
 
 def test_missing_component(tmp_path):
-    root = _pipeline_copy(tmp_path, skip="vae")
+    root = pipeline_copy(TINY, tmp_path, skip="vae")
     with pytest.raises(ModelLayoutError, match="has no vae/ folder.*fetch vae/ again"):
         Pipeline.from_pretrained(root, device="cpu")
     (root / "vae").symlink_to((TINY / "vae").resolve(), target_is_directory=True)
-    _edit_index(root, text_encoder_2=None)
+    edit_index(root, text_encoder_2=None)
     with pytest.raises(ModelLayoutError, match="lists no 'text_encoder_2' component"):
         Pipeline.from_pretrained(root, device="cpu")
-    _edit_index(root, text_encoder_2=["transformers", "T5EncoderModel"],
+    edit_index(root, text_encoder_2=["transformers", "T5EncoderModel"],
                 transformer=["diffusers", "SD3Transformer2DModel"])
     with pytest.raises(ModelLayoutError, match="'transformer' is a SD3Transformer2DModel.*FluxTransformer2DModel"):
         Pipeline.from_pretrained(root, device="cpu")
 
 
 def test_missing_component_file_and_tensor(tmp_path):
-    root = _pipeline_copy(tmp_path, skip="transformer")
+    root = pipeline_copy(TINY, tmp_path, skip="transformer")
     (root / "transformer").mkdir()
     with pytest.raises(ModelLayoutError, match="config.json"):
         Pipeline.from_pretrained(root, device="cpu")

@@ -3,7 +3,6 @@ same seed -> same latents and pixels, for the model's Euler sampler, DPM++ 2M Ka
 without negative prompts, and with guidance off. Fixture: tests/reference/gen_tiny_sdxl_pipeline.py."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from fastdm.models.schedulers import (
 from fastdm.runtime import cuda, dtypes
 from fastdm.runtime.errors import InvalidArgumentError, ModelLayoutError
 from numerics import rel_l2
-from safetensors import safe_open
+from pipeline_fixtures import edit_index, io_metadata, noise_kernel, pipeline_copy
 from safetensors.numpy import load_file
 
 import fastdm
@@ -29,15 +28,9 @@ TINY = FIXTURES / "tiny-sdxl"
 IO = FIXTURES / "tiny_sdxl_pipeline_io.safetensors"
 
 
-def _meta() -> dict:
-    with safe_open(str(IO), "np") as f:
-        return f.metadata()
-
-
-META = _meta()
+META = io_metadata(IO)
 CASES = json.loads(META["cases"])
-# torch's CPU capability when the fixture was drawn: every x86 AVX2/AVX-512 CPU runs the same Box-Muller kernel
-NOISE_KERNEL = "default" if META["cpu_capability"] == "DEFAULT" else "avx2"
+NOISE_KERNEL = noise_kernel(META)
 SCHEDULER_CLASSES = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
                      "dpmpp_2m_karras": DPMSolverMultistepScheduler}
 
@@ -213,8 +206,8 @@ def test_guidance_off_ignores_the_negative_prompt(pipe, io):
 def test_empty_negative_prompt_with_force_zeros_off(tmp_path, io):
     """force_zeros_for_empty_prompt false in model_index.json: no negative prompt means the empty prompt "", which
     the euler_a_square case passes explicitly."""
-    root = _pipeline_copy(tmp_path)
-    _edit_index(root, force_zeros_for_empty_prompt=False)
+    root = pipeline_copy(TINY, tmp_path)
+    edit_index(root, force_zeros_for_empty_prompt=False)
     p = Pipeline.from_pretrained(root, device="cpu")
     p.noise_kernel = NOISE_KERNEL
     assert not p.force_zeros_for_empty_prompt
@@ -258,12 +251,12 @@ def test_replaced_scheduler_is_used(io):
 def test_model_scheduler_without_a_fastdm_sampler(tmp_path, io):
     """A folder whose scheduler fastdm does not implement still loads; a call must then name a sampler, which is
     configured from that folder's config (here SDXL base's with another class name)."""
-    root = _pipeline_copy(tmp_path, skip="scheduler")
+    root = pipeline_copy(TINY, tmp_path, skip="scheduler")
     (root / "scheduler").mkdir()
     cfg = json.loads((TINY / "scheduler" / "scheduler_config.json").read_text())
     cfg["_class_name"] = "DDIMScheduler"
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
-    _edit_index(root, scheduler=["diffusers", "DDIMScheduler"])
+    edit_index(root, scheduler=["diffusers", "DDIMScheduler"])
     with pytest.raises(InvalidArgumentError, match="'DDIMScheduler' has no fastdm sampler; pick a sampler by name"):
         Pipeline.check_call(root, height=64, width=64)
     p = Pipeline.from_pretrained(root, device="cpu")
@@ -372,36 +365,15 @@ def test_low_precision_noise_on_the_cpu(io, tag, dtype, lat_fp32, img_fp32):
 
 
 # --------------------------------------------------------------------------------------------- loading errors
-def _pipeline_copy(tmp_path: Path, skip: str | None = None) -> Path:
-    """tmp_path/model: model_index.json copied (editable), the components linked (skip: left out)."""
-    root = tmp_path / "model"
-    root.mkdir()
-    shutil.copy(TINY / "model_index.json", root / "model_index.json")
-    for part in TINY.iterdir():
-        if part.is_dir() and part.name != skip:
-            (root / part.name).symlink_to(part.resolve(), target_is_directory=True)
-    return root
-
-
-def _edit_index(root: Path, **changes) -> None:
-    index = json.loads((root / "model_index.json").read_text())
-    for k, v in changes.items():
-        if v is None:
-            index.pop(k, None)
-        else:
-            index[k] = v
-    (root / "model_index.json").write_text(json.dumps(index))
-
-
 def test_missing_or_wrong_components(tmp_path):
-    root = _pipeline_copy(tmp_path, skip="unet")
+    root = pipeline_copy(TINY, tmp_path, skip="unet")
     with pytest.raises(ModelLayoutError, match="has no unet/ folder.*fetch unet/ again"):
         Pipeline.from_pretrained(root, device="cpu")
     (root / "unet").symlink_to((TINY / "unet").resolve(), target_is_directory=True)
-    _edit_index(root, text_encoder_2=["transformers", "CLIPTextModel"])
+    edit_index(root, text_encoder_2=["transformers", "CLIPTextModel"])
     with pytest.raises(ModelLayoutError, match="'text_encoder_2' is a CLIPTextModel.*CLIPTextModelWithProjection"):
         Pipeline.from_pretrained(root, device="cpu")
-    _edit_index(root, text_encoder_2=None)
+    edit_index(root, text_encoder_2=None)
     with pytest.raises(ModelLayoutError, match="lists no 'text_encoder_2' component"):
         StableDiffusionXLPipeline.from_pretrained(root, device="cpu")
 
@@ -409,7 +381,7 @@ def test_missing_or_wrong_components(tmp_path):
 def test_encoders_that_do_not_fit_the_unet(tmp_path):
     """text_encoder_2 swapped for text_encoder (CLIP-L, hidden 32, also with a projection here): the UNet's
     cross_attention_dim 48 is not 32 + 32."""
-    root = _pipeline_copy(tmp_path, skip="text_encoder_2")
+    root = pipeline_copy(TINY, tmp_path, skip="text_encoder_2")
     (root / "text_encoder_2").mkdir()
     cfg = json.loads((TINY / "text_encoder" / "config.json").read_text())
     cfg["architectures"] = ["CLIPTextModelWithProjection"]

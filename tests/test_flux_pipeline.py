@@ -41,8 +41,6 @@ import fastdm
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny-flux"
 IO = FIXTURES / "tiny_flux_pipeline_io.safetensors"
-
-
 META = io_metadata(IO)
 CASES = json.loads(META["cases"])
 NOISE_KERNEL = noise_kernel(META)

@@ -26,8 +26,6 @@ import fastdm
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny-sdxl"
 IO = FIXTURES / "tiny_sdxl_pipeline_io.safetensors"
-
-
 META = io_metadata(IO)
 CASES = json.loads(META["cases"])
 NOISE_KERNEL = noise_kernel(META)

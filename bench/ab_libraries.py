@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,12 +32,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CASE_SETS = ("groupnorm", "producers", "gemm", "attention")
-# name: (B, Sq, Sk, H, D): bench/kernels.py's rows, then SDXL's (batch 2 for CFG, head dim 64).
-ATTENTION_SHAPES = {
-    "flux S=4608 D=128": (1, 4608, 4608, 24, 128),
-    "flux 1024x2048 S=8704 D=128": (1, 8704, 8704, 24, 128),
-    "wan5b S=27280 D=128": (1, 27280, 27280, 24, 128),
-    "sd3.5m S=4429 D=64": (1, 4429, 4429, 24, 64),
+# name: (B, Sq, Sk, H, D), timed after bench/kernels.py's ATTN_SHAPES (self-attention): SDXL's (batch 2 for CFG,
+# head dim 64).
+SDXL_ATTENTION_SHAPES = {
     "sdxl 64x64 self S=4096 H=10 D=64": (2, 4096, 4096, 10, 64),
     "sdxl 32x32 self S=1024 H=20 D=64": (2, 1024, 1024, 20, 64),
     "sdxl 64x64 cross Sk=77 H=10 D=64": (2, 4096, 77, 10, 64),
@@ -60,12 +58,6 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
     def bf16(*dims):
         return torch.randn(*dims, dtype=torch.bfloat16, device="cuda")
 
-    def numel(shape):
-        n = 1
-        for s in shape:
-            n *= s
-        return n
-
     def timed(name, fns, path=0):
         kernels.call("fdm_group_norm_set_path", path)
         try:
@@ -85,15 +77,15 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
         for shape in [(2, 128, 128, 512), (1, 128, 128, 512), (2, 64, 64, 1280), (2, 64, 64, 640),
                       (2, 128, 128, 320), (2, 32, 32, 1280)]:
             w, b = affine(shape[-1])
-            _, ox = bk.rotating(lambda shape=shape: (bf16(*shape),), numel(shape) * 2)
+            _, ox = bk.rotating(lambda shape=shape: (bf16(*shape),), math.prod(shape) * 2)
             timed(f"group_norm channels-last {list(shape)}", {"gn": lambda ox=ox, w=w, b=b: gn(ox()[0], w, b)})
         for shape in [(2, 512, 128, 128)]:
             w, b = affine(shape[1])
-            _, ox = bk.rotating(lambda shape=shape: (bf16(*shape),), numel(shape) * 2)
+            _, ox = bk.rotating(lambda shape=shape: (bf16(*shape),), math.prod(shape) * 2)
             timed(f"group_norm NCHW {list(shape)}", {"gn": lambda ox=ox, w=w, b=b: gn(ox()[0], w, b, False)})
         for shape in [(2, 128, 128, 512), (1, 256, 256, 512), (2, 128, 128, 960)]:
             w, b = affine(shape[-1])
-            _, ox = bk.rotating(lambda shape=shape: (bf16(*shape),), numel(shape) * 2)
+            _, ox = bk.rotating(lambda shape=shape: (bf16(*shape),), math.prod(shape) * 2)
             timed(f"group_norm channels-last three-kernel {list(shape)}",
                   {"gn": lambda ox=ox, w=w, b=b: gn(ox()[0], w, b)}, path=2)
 
@@ -102,7 +94,7 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
                               ((2, 64, 64, 640), (2, 1, 1, 640)), ((2, 32, 32, 1280), (2, 32, 32, 1280)),
                               ((1, 256, 256, 512), (1, 256, 256, 512)), ((1, 512, 512, 256), (1, 512, 512, 256))]:
             w, b = affine(shape[-1])
-            _, oa = bk.rotating(lambda shape=shape, bshape=bshape: (bf16(*shape), bf16(*bshape)), numel(shape) * 2)
+            _, oa = bk.rotating(lambda shape=shape, bshape=bshape: (bf16(*shape), bf16(*bshape)), math.prod(shape) * 2)
 
             def pair(oa=oa, w=w, b=b):
                 s, stats = ops.add_group_stats(*oa(), 32)
@@ -115,7 +107,7 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
             })
         for sa, sb in [((2, 128, 128, 640), (2, 128, 128, 320)), ((2, 64, 64, 1280), (2, 64, 64, 640))]:
             w, b = affine(sa[-1] + sb[-1])
-            _, oa = bk.rotating(lambda sa=sa, sb=sb: (bf16(*sa), bf16(*sb)), (numel(sa) + numel(sb)) * 2)
+            _, oa = bk.rotating(lambda sa=sa, sb=sb: (bf16(*sa), bf16(*sb)), (math.prod(sa) + math.prod(sb)) * 2)
 
             def cpair(oa=oa, w=w, b=b):
                 s, stats = ops.concat_group_stats(*oa(), 32)
@@ -146,7 +138,8 @@ def measure(case_sets: list[str], rounds: int) -> dict[str, dict[str, float]]:
     if "attention" in case_sets:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        for name, (b, sq, sk, h, d) in ATTENTION_SHAPES.items():
+        bench_rows = {name: (b, s, s, h, d) for name, (b, s, h, d) in bk.ATTN_SHAPES.items()}
+        for name, (b, sq, sk, h, d) in {**bench_rows, **SDXL_ATTENTION_SHAPES}.items():
             q, k, v = bf16(b, sq, h, d), bf16(b, sk, h, d), bf16(b, sk, h, d)
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # torch wants [B, H, S, D]
             qf, kf, vf = bk.fd(q), bk.fd(k), bk.fd(v)
